@@ -1,0 +1,1 @@
+//! TODO: flow (being written).

@@ -1,0 +1,49 @@
+//! taler-paywall: a reverse-proxy paywall gateway that sells access to parts of a website
+//! through GNU Taler, without changing the site.
+//!
+//! A request arrives at the public listener ([`server`]). The [`gateway`] normalises its path
+//! once ([`path`]), asks the [`policy`] whether the path is protected, and then either forwards
+//! the request to the origin unchanged ([`proxy`]) or runs the storefront algorithm of GNU
+//! Taler's design document 007 ([`flow`]): it reads the signed browser session ([`session`]),
+//! asks the merchant backend about the resource's order ([`merchant`]), lets the pure state
+//! machine ([`payment`]) decide what to do, and carries that out: serve the page, redirect to
+//! the order status page, create a fresh order, follow repurchase detection, or show a refund
+//! page ([`pages`]).
+//!
+//! # Layout
+//! - [`amount`]: Taler amounts (`KUDOS:1.5`).
+//! - [`cli`]: what each subcommand does.
+//! - [`config`]: TOML file → validated [`config::Config`]; secrets redacted.
+//! - [`path`]: the one path normaliser used for the decision and for forwarding.
+//! - [`policy`]: protected prefixes, segment-wise, longest first.
+//! - [`body`]: the body type and helpers.
+//! - [`pages`]: the synthetic responses (errors, payment required, refunded).
+//! - [`proxy`]: forwarding to the origin (hop-by-hop, `X-Forwarded-*`, streaming, upgrades).
+//! - [`server`]: accept loops, TLS, limits, graceful shutdown.
+//! - [`gateway`]: one request, from normalisation to response.
+//! - [`session`]: signed cookies: session, per-resource orders, payment grants.
+//! - [`merchant`]: the merchant backend client and its wire types.
+//! - [`payment`]: the pure decision function of the storefront algorithm.
+//! - [`flow`]: carries out the payment decisions for one protected request.
+//! - [`sandbox`]: the built-in sandbox merchant backend and wallet.
+//! - [`demo`]: `taler-paywall demo`, a sample site, the sandbox and the gateway.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+pub mod amount;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod flow;
+pub mod gateway;
+pub mod merchant;
+pub mod pages;
+pub mod path;
+pub mod payment;
+pub mod policy;
+pub mod proxy;
+pub mod sandbox;
+pub mod server;
+pub mod session;

@@ -1,0 +1,1 @@
+//! TODO: payment (being written).
