@@ -127,6 +127,7 @@ struct RawMerchant {
     token_file: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    refund_delay: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +278,9 @@ pub struct MerchantConfig {
     pub timeout: Duration,
     /// Trust only this PEM CA bundle for the backend instead of the public roots.
     pub ca_file: Option<PathBuf>,
+    /// Sent as the orders' `refund_delay`; `None` (the default) sends none, and the backend
+    /// then allows no refunds unless its instance has a default refund delay.
+    pub refund_delay: Option<Duration>,
 }
 
 /// `[session]`.
@@ -891,11 +895,16 @@ impl Validator<'_> {
             .ca_file
             .as_ref()
             .map(|f| self.readable_file("merchant.ca_file", f));
+        let refund_delay = raw
+            .refund_delay
+            .as_ref()
+            .map(|_| self.duration("merchant.refund_delay", &raw.refund_delay, Duration::ZERO));
         Some(MerchantConfig {
             url: url?,
             token: token?,
             timeout,
             ca_file,
+            refund_delay,
         })
     }
 

@@ -25,6 +25,7 @@
 //! - [`merchant`]: the merchant backend client and its wire types.
 //! - [`payment`]: the pure decision function of the storefront algorithm.
 //! - [`flow`]: carries out the payment decisions for one protected request.
+//! - [`tls`]: verified TLS client configuration for origin and merchant.
 //! - [`sandbox`]: the built-in sandbox merchant backend and wallet.
 //! - [`demo`]: `taler-paywall demo`, a sample site, the sandbox and the gateway.
 #![forbid(unsafe_code)]
@@ -47,3 +48,4 @@ pub mod proxy;
 pub mod sandbox;
 pub mod server;
 pub mod session;
+pub mod tls;
