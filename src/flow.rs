@@ -1,1 +1,715 @@
-//! TODO: flow (being written).
+//! Carries out the storefront algorithm for one protected request.
+//!
+//! [`PaymentGate::decide`] reads the request's cookies, runs the pure
+//! [`crate::payment::PaymentFlow`] against the merchant backend, and returns an [`Outcome`]:
+//! either "serve from the origin, adding these cookies" or a finished response (redirect to
+//! the status page, 402, refund page, 429, 5xx). It never forwards anything itself, so a
+//! protected request can only reach the origin through [`Outcome::Serve`], which is only
+//! produced for an order the merchant called paid in this session (now, or less than
+//! `recheck_interval` ago).
+//!
+//! Beside the cookie grant, each process keeps a bounded in-memory table of
+//! (session, resource) → (order, last confirmation), and requests for the same (session,
+//! resource) take turns, so that concurrent requests (a page and its images) share one
+//! merchant call and one order. Order creation is rate-limited per client address.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER, SET_COOKIE};
+use http::{HeaderMap, Response, StatusCode};
+use url::Url;
+
+use crate::body::{full, Body};
+use crate::config::{Config, Scope};
+use crate::merchant::{MerchantClient, NewOrder};
+use crate::pages;
+use crate::path::{normalize, NormalizedPath};
+use crate::payment::{grant_is_fresh, Action, FailKind, PaymentFlow, Visit};
+use crate::policy::ProtectedRoute;
+use crate::session::{
+    self, CookieKeys, CookieSettings, OrderCookie, RequestCookies, Session, SessionId,
+};
+
+/// Query parameter added to the cookie-check redirect of a browser that came without a
+/// session; seeing it again without a session means the browser refuses cookies.
+pub const COOKIE_CHECK_PARAM: &str = "taler_paywall_cc";
+
+/// Most (session, resource) entries kept in memory per process.
+pub const MEMORY_ENTRIES: usize = 100_000;
+
+/// What the gateway does with a protected request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Paid: forward to the origin, add these `Set-Cookie` values to its response and make
+    /// the response `Cache-Control: private`.
+    Serve {
+        /// Cookies to set on the origin's response.
+        set_cookies: Vec<HeaderValue>,
+        /// Which order paid (for the log).
+        order_id: Option<String>,
+    },
+    /// Not served: this response goes to the client as is.
+    Respond {
+        /// The response.
+        response: Response<Body>,
+        /// What happened, for logs and metrics.
+        kind: DenyKind,
+    },
+}
+
+/// Why a protected request was not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyKind {
+    /// Sent to pay (302 or 402), or to the cookie check, or to repurchase detection.
+    PaymentRequired,
+    /// The purchase was refunded.
+    Refunded,
+    /// Order creation rate limit hit (429).
+    RateLimited,
+    /// The browser keeps no cookies (403).
+    CookiesRequired,
+    /// The merchant failed: 5xx, failing closed.
+    FailedClosed,
+}
+
+/// The payment side of the gateway: merchant client, cookie keys and per-process tables.
+pub struct PaymentGate {
+    merchant: MerchantClient,
+    keys: CookieKeys,
+    cookies: CookieSettings,
+    public_base: String,
+    recheck: u64,
+    refund_delay: Option<Duration>,
+    memory: Mutex<HashMap<(SessionId, String), Remembered>>,
+    turns: Mutex<HashMap<(SessionId, String), Arc<tokio::sync::Mutex<()>>>>,
+    limiter: OrderLimiter,
+}
+
+impl std::fmt::Debug for PaymentGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentGate")
+            .field("merchant", &self.merchant)
+            .field("public_base", &self.public_base)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Remembered {
+    order_id: String,
+    verified_at: Option<u64>,
+    touched: u64,
+}
+
+/// The unix time now, in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `public_url` without a trailing slash: the base of fulfillment URLs.
+pub fn public_base(url: &Url) -> String {
+    url.as_str().trim_end_matches('/').to_owned()
+}
+
+impl PaymentGate {
+    /// Builds the gate from the configuration.
+    ///
+    /// # Errors
+    /// The merchant client cannot be built (unusable CA file or token).
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(PaymentGate {
+            merchant: MerchantClient::new(&config.merchant)?,
+            keys: CookieKeys::new(&config.session),
+            cookies: CookieSettings {
+                secure: config.server.public_url.scheme() == "https",
+                path_base: config
+                    .server
+                    .public_url
+                    .path()
+                    .trim_end_matches('/')
+                    .to_owned(),
+                lifetime: config.session.cookie_lifetime.as_secs(),
+            },
+            public_base: public_base(&config.server.public_url),
+            recheck: config.session.recheck_interval.as_secs(),
+            refund_delay: config.merchant.refund_delay,
+            memory: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
+            limiter: OrderLimiter::new(config.limits.orders_per_minute, config.limits.orders_burst),
+        })
+    }
+
+    /// The merchant client (for readiness checks).
+    pub fn merchant(&self) -> &MerchantClient {
+        &self.merchant
+    }
+
+    /// The fulfillment URL of a resource: `public_url` + the resource path. Stable byte for
+    /// byte across orders, so wallets recognise repurchases.
+    pub fn fulfillment_url(&self, resource: &str) -> String {
+        format!("{}{}", self.public_base, resource)
+    }
+
+    fn own_url(&self, path: &str, query: Option<&str>) -> String {
+        match query {
+            Some(q) if !q.is_empty() => format!("{}{}?{}", self.public_base, path, q),
+            _ => format!("{}{}", self.public_base, path),
+        }
+    }
+
+    /// Decides a protected request.
+    pub async fn decide(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        route: &ProtectedRoute,
+        path: &NormalizedPath,
+        client: IpAddr,
+    ) -> Outcome {
+        let now = unix_now();
+        let html = pages::wants_html(headers);
+        let jar = RequestCookies::parse(headers);
+        let mut set_cookies = Vec::new();
+        let session = match jar.session(&self.keys, &self.cookies, now) {
+            Some(s) => s,
+            None => {
+                let fresh = Session {
+                    id: SessionId::generate(),
+                    issued_at: now,
+                };
+                set_cookies.extend(session::set_session(&self.keys, &self.cookies, &fresh));
+                if html {
+                    // Browsers first get only the cookie, so that clients which drop cookies
+                    // never make the gateway create orders.
+                    return if has_cookie_check(query) {
+                        self.respond(
+                            pages::cookies_required(html),
+                            Vec::new(),
+                            DenyKind::CookiesRequired,
+                        )
+                    } else {
+                        let target = self.own_url(path.as_str(), Some(&with_cookie_check(query)));
+                        self.respond(redirect(&target), set_cookies, DenyKind::PaymentRequired)
+                    };
+                }
+                fresh
+            }
+        };
+        let resource = route.resource(path);
+        let key = (session.id.clone(), resource.clone());
+        // One request per (session, resource) at a time: the others wait and then find the
+        // first one's order and grant in memory.
+        let turn = self.turn(&key);
+        let _guard = turn.lock().await;
+        let outcome = self
+            .decide_in_turn(
+                headers,
+                html,
+                route,
+                path,
+                &session,
+                &resource,
+                &jar,
+                client,
+                now,
+                set_cookies,
+            )
+            .await;
+        drop(_guard);
+        self.release_turn(&key, turn);
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_in_turn(
+        &self,
+        _headers: &HeaderMap,
+        html: bool,
+        route: &ProtectedRoute,
+        path: &NormalizedPath,
+        session: &Session,
+        resource: &str,
+        jar: &RequestCookies,
+        client: IpAddr,
+        now: u64,
+        mut set_cookies: Vec<HeaderValue>,
+    ) -> Outcome {
+        let cookie_path = session::cookie_path(&self.cookies, resource, &route.prefix);
+        let fulfillment_url = self.fulfillment_url(resource);
+        let from_cookie = jar.order(&self.keys, &session.id, resource);
+        let remembered = self.recall(&session.id, resource);
+        // Prefer whichever knows more: a fresh grant anywhere wins; otherwise the cookie.
+        let known = pick(from_cookie, remembered, now, self.recheck);
+        let (mut flow, mut action) = PaymentFlow::start(&Visit {
+            now,
+            order_id: known.as_ref().map(|o| o.order_id.as_str()),
+            verified_at: known.as_ref().and_then(|o| o.verified_at),
+            recheck_interval: self.recheck,
+            fulfillment_url: &fulfillment_url,
+        });
+        loop {
+            action = match action {
+                Action::CreateOrder => {
+                    if let Err(wait) = self.limiter.try_take(client, now) {
+                        tracing::info!(%client, "order creation rate limit reached");
+                        let mut resp = pages::rate_limited(html, wait);
+                        if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+                            resp.headers_mut().insert(RETRY_AFTER, v);
+                        }
+                        return self.respond(resp, set_cookies, DenyKind::RateLimited);
+                    }
+                    let order = NewOrder {
+                        amount: &route.price,
+                        summary: &route.summary,
+                        fulfillment_url: &fulfillment_url,
+                        refund_delay: self.refund_delay,
+                    };
+                    let result = self.merchant.create_order(&order).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(cause = %e, "merchant: creating an order failed");
+                    }
+                    flow.on_created(result.map_err(|e| e.failure()))
+                }
+                Action::CheckStatus { order_id } => {
+                    let result = self
+                        .merchant
+                        .order_status(&order_id, session.id.as_str())
+                        .await;
+                    if let Err(e) = &result {
+                        if e.failure() != crate::payment::Failure::OrderUnknown {
+                            tracing::warn!(cause = %e, "merchant: order status failed");
+                        }
+                    }
+                    flow.on_status(result.map_err(|e| e.failure()))
+                }
+                Action::Serve { order } => {
+                    let order_id = match order {
+                        Some(order_id) => {
+                            let fresh = OrderCookie {
+                                order_id: order_id.clone(),
+                                verified_at: Some(now),
+                            };
+                            set_cookies.extend(session::set_order(
+                                &self.keys,
+                                &self.cookies,
+                                &session.id,
+                                resource,
+                                &cookie_path,
+                                &fresh,
+                            ));
+                            self.remember(&session.id, resource, &fresh, now);
+                            Some(order_id)
+                        }
+                        None => known.as_ref().map(|o| o.order_id.clone()),
+                    };
+                    // Prefix scope: after paying at the prefix's fulfillment URL, continue to
+                    // the page that was asked for.
+                    if route.scope == Scope::Prefix && path.as_str() == resource {
+                        if let Some(target) = jar.return_to(&self.keys, &session.id, resource) {
+                            set_cookies.extend(session::set_return_to(
+                                &self.keys,
+                                &self.cookies,
+                                &session.id,
+                                resource,
+                                &cookie_path,
+                                None,
+                            ));
+                            if let Some(target) = self.safe_return_target(&target, route, path) {
+                                return self.respond(
+                                    redirect_see_other(&self.own_url(&target, None)),
+                                    set_cookies,
+                                    DenyKind::PaymentRequired,
+                                );
+                            }
+                        }
+                    }
+                    return Outcome::Serve {
+                        set_cookies,
+                        order_id,
+                    };
+                }
+                Action::AskToPay {
+                    order_id,
+                    pay_uri,
+                    status_url,
+                } => {
+                    let order = OrderCookie {
+                        order_id,
+                        verified_at: None,
+                    };
+                    set_cookies.extend(session::set_order(
+                        &self.keys,
+                        &self.cookies,
+                        &session.id,
+                        resource,
+                        &cookie_path,
+                        &order,
+                    ));
+                    self.remember(&session.id, resource, &order, now);
+                    if route.scope == Scope::Prefix && path.as_str() != resource {
+                        set_cookies.extend(session::set_return_to(
+                            &self.keys,
+                            &self.cookies,
+                            &session.id,
+                            resource,
+                            &cookie_path,
+                            Some(path.as_str()),
+                        ));
+                    }
+                    let resp = pages::payment_required(
+                        html,
+                        &pay_uri,
+                        &status_url,
+                        &route.summary,
+                        &route.price,
+                    );
+                    return self.respond(resp, set_cookies, DenyKind::PaymentRequired);
+                }
+                Action::FollowRepurchase {
+                    order_id,
+                    fulfillment_url,
+                } => {
+                    let order = OrderCookie {
+                        order_id,
+                        verified_at: None,
+                    };
+                    set_cookies.extend(session::set_order(
+                        &self.keys,
+                        &self.cookies,
+                        &session.id,
+                        resource,
+                        &cookie_path,
+                        &order,
+                    ));
+                    self.remember(&session.id, resource, &order, now);
+                    if route.scope == Scope::Prefix && path.as_str() != resource {
+                        set_cookies.extend(session::set_return_to(
+                            &self.keys,
+                            &self.cookies,
+                            &session.id,
+                            resource,
+                            &cookie_path,
+                            Some(path.as_str()),
+                        ));
+                    }
+                    // `fulfillment_url` is this resource's own URL (checked by `payment`).
+                    return self.respond(
+                        redirect(&fulfillment_url),
+                        set_cookies,
+                        DenyKind::PaymentRequired,
+                    );
+                }
+                Action::Refunded {
+                    order_id,
+                    pending,
+                    status_url,
+                } => {
+                    let order = OrderCookie {
+                        order_id,
+                        verified_at: None,
+                    };
+                    set_cookies.extend(session::set_order(
+                        &self.keys,
+                        &self.cookies,
+                        &session.id,
+                        resource,
+                        &cookie_path,
+                        &order,
+                    ));
+                    self.remember(&session.id, resource, &order, now);
+                    let resp =
+                        pages::refunded(html, pending, status_url.as_deref(), &route.summary);
+                    return self.respond(resp, set_cookies, DenyKind::Refunded);
+                }
+                Action::FailClosed(kind) => {
+                    let status = fail_status(kind);
+                    let resp = pages::error(
+                        status,
+                        "The payment service is not available right now. Please try again later.",
+                        html,
+                    );
+                    return self.respond(resp, set_cookies, DenyKind::FailedClosed);
+                }
+            };
+        }
+    }
+
+    /// A return target is followed only if it is a normalised path under the same route.
+    fn safe_return_target(
+        &self,
+        target: &str,
+        route: &ProtectedRoute,
+        here: &NormalizedPath,
+    ) -> Option<String> {
+        let p = normalize(target).ok()?;
+        if p.as_str() != target || p == *here {
+            return None;
+        }
+        let mut segs = p.segments();
+        let under = route
+            .prefix
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .all(|want| {
+                segs.next()
+                    .is_some_and(|have| have.eq_ignore_ascii_case(want))
+            });
+        under.then(|| p.as_str().to_owned())
+    }
+
+    fn respond(
+        &self,
+        mut response: Response<Body>,
+        set_cookies: Vec<HeaderValue>,
+        kind: DenyKind,
+    ) -> Outcome {
+        let h = response.headers_mut();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        for c in set_cookies {
+            h.append(SET_COOKIE, c);
+        }
+        Outcome::Respond { response, kind }
+    }
+
+    fn turn(&self, key: &(SessionId, String)) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        turns.entry(key.clone()).or_default().clone()
+    }
+
+    fn release_turn(&self, key: &(SessionId, String), turn: Arc<tokio::sync::Mutex<()>>) {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: ours and the table's. Nobody else waits: forget the key.
+        if Arc::strong_count(&turn) <= 2 {
+            turns.remove(key);
+        }
+    }
+
+    fn recall(&self, session: &SessionId, resource: &str) -> Option<OrderCookie> {
+        let memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        memory
+            .get(&(session.clone(), resource.to_owned()))
+            .map(|r| OrderCookie {
+                order_id: r.order_id.clone(),
+                verified_at: r.verified_at,
+            })
+    }
+
+    fn remember(&self, session: &SessionId, resource: &str, order: &OrderCookie, now: u64) {
+        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        if memory.len() >= MEMORY_ENTRIES {
+            // Keep what is still useful: entries touched within the recheck interval.
+            let horizon = now.saturating_sub(self.recheck.max(60));
+            memory.retain(|_, r| r.touched >= horizon);
+            if memory.len() >= MEMORY_ENTRIES {
+                memory.clear();
+            }
+        }
+        memory.insert(
+            (session.clone(), resource.to_owned()),
+            Remembered {
+                order_id: order.order_id.clone(),
+                verified_at: order.verified_at,
+                touched: now,
+            },
+        );
+    }
+
+    /// Entries in the in-memory table (for metrics and tests).
+    pub fn remembered_entries(&self) -> usize {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Of the cookie's and the memory's knowledge, the more useful: a fresh grant first, then
+/// the cookie (it is per-browser), then memory.
+fn pick(
+    cookie: Option<OrderCookie>,
+    memory: Option<OrderCookie>,
+    now: u64,
+    recheck: u64,
+) -> Option<OrderCookie> {
+    let fresh = |o: &OrderCookie| {
+        o.verified_at
+            .is_some_and(|v| grant_is_fresh(v, now, recheck))
+    };
+    match (cookie, memory) {
+        (Some(c), _) if fresh(&c) => Some(c),
+        (_, Some(m)) if fresh(&m) => Some(m),
+        (Some(c), _) => Some(c),
+        (None, m) => m,
+    }
+}
+
+fn fail_status(kind: FailKind) -> StatusCode {
+    match kind {
+        FailKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        FailKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        FailKind::Unreachable
+        | FailKind::Rejected
+        | FailKind::ServerError
+        | FailKind::Malformed
+        | FailKind::TooManyOrders => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn has_cookie_check(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.split('=').next() == Some(COOKIE_CHECK_PARAM))
+    })
+}
+
+fn with_cookie_check(query: Option<&str>) -> String {
+    match query {
+        Some(q) if !q.is_empty() => format!("{q}&{COOKIE_CHECK_PARAM}=1"),
+        _ => format!("{COOKIE_CHECK_PARAM}=1"),
+    }
+}
+
+/// A `302 Found` to `location` (one of our own URLs or the merchant's status URL).
+fn redirect(location: &str) -> Response<Body> {
+    redirect_with(StatusCode::FOUND, location)
+}
+
+fn redirect_see_other(location: &str) -> Response<Body> {
+    redirect_with(StatusCode::SEE_OTHER, location)
+}
+
+fn redirect_with(status: StatusCode, location: &str) -> Response<Body> {
+    match HeaderValue::from_str(location) {
+        Ok(v) => {
+            let mut r = Response::new(full(format!(
+                "<!DOCTYPE html><title>Redirect</title><p><a href=\"{}\">Continue</a></p>\n",
+                pages::escape_html(location)
+            )));
+            *r.status_mut() = status;
+            r.headers_mut().insert(LOCATION, v);
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        Err(_) => pages::error(StatusCode::BAD_GATEWAY, "Cannot build the redirect.", true),
+    }
+}
+
+/// A per-client-address token bucket for order creation.
+#[derive(Debug)]
+pub struct OrderLimiter {
+    per_minute: u32,
+    burst: u32,
+    buckets: Mutex<HashMap<IpAddr, (f64, u64)>>,
+}
+
+/// Most client addresses tracked by the limiter before idle ones are dropped.
+const LIMITER_ENTRIES: usize = 100_000;
+
+impl OrderLimiter {
+    /// `per_minute` = 0 disables the limit.
+    pub fn new(per_minute: u32, burst: u32) -> Self {
+        OrderLimiter {
+            per_minute,
+            burst: burst.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one order from `client`'s bucket, or says how many seconds to wait.
+    ///
+    /// # Errors
+    /// `Err(seconds)` when the bucket is empty.
+    pub fn try_take(&self, client: IpAddr, now: u64) -> Result<(), u64> {
+        if self.per_minute == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(self.per_minute) / 60.0;
+        let burst = f64::from(self.burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= LIMITER_ENTRIES && !buckets.contains_key(&client) {
+            // Drop buckets that have refilled completely: they carry no information.
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + (now.saturating_sub(*at) as f64) * rate < burst
+            });
+            if buckets.len() >= LIMITER_ENTRIES {
+                buckets.clear();
+            }
+        }
+        let (tokens, at) = buckets.entry(client).or_insert((burst, now));
+        *tokens = (*tokens + (now.saturating_sub(*at) as f64) * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_bounds_orders_per_client() {
+        let l = OrderLimiter::new(60, 3);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(l.try_take(a, 100).is_ok());
+        assert!(l.try_take(a, 100).is_ok());
+        assert!(l.try_take(a, 100).is_ok());
+        assert_eq!(l.try_take(a, 100), Err(1));
+        assert!(l.try_take(b, 100).is_ok(), "other clients are unaffected");
+        assert!(l.try_take(a, 101).is_ok(), "refills at the configured rate");
+        let off = OrderLimiter::new(0, 1);
+        for _ in 0..1000 {
+            assert!(off.try_take(a, 0).is_ok());
+        }
+    }
+
+    #[test]
+    fn cookie_check_marker() {
+        assert!(!has_cookie_check(None));
+        assert!(!has_cookie_check(Some("a=1")));
+        assert!(has_cookie_check(Some("a=1&taler_paywall_cc=1")));
+        assert_eq!(with_cookie_check(None), "taler_paywall_cc=1");
+        assert_eq!(with_cookie_check(Some("x=2")), "x=2&taler_paywall_cc=1");
+    }
+
+    #[test]
+    fn picks_fresh_grants_first() {
+        let c = |id: &str, v: Option<u64>| OrderCookie {
+            order_id: id.into(),
+            verified_at: v,
+        };
+        assert_eq!(
+            pick(Some(c("A", None)), Some(c("B", Some(100))), 100, 300)
+                .unwrap()
+                .order_id,
+            "B"
+        );
+        assert_eq!(
+            pick(Some(c("A", Some(100))), Some(c("B", Some(100))), 100, 300)
+                .unwrap()
+                .order_id,
+            "A"
+        );
+        assert_eq!(
+            pick(Some(c("A", None)), Some(c("B", None)), 100, 300)
+                .unwrap()
+                .order_id,
+            "A"
+        );
+        assert_eq!(
+            pick(None, Some(c("B", None)), 100, 300).unwrap().order_id,
+            "B"
+        );
+        assert!(pick(None, None, 100, 300).is_none());
+    }
+}

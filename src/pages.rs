@@ -113,3 +113,136 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pages of the payment flow
+// ---------------------------------------------------------------------------------------------
+
+/// The `Taler` response header: wallets that watch responses open the `taler://` URI in it.
+pub const TALER_HEADER: &str = "taler";
+
+fn with_type(mut resp: Response<Body>, status: StatusCode, ctype: &'static str) -> Response<Body> {
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Unpaid. Browsers (`html`) get `302 Found` to the merchant's status page, `Location` equal to
+/// `status_url` byte for byte, with a no-JavaScript fallback body holding both links. Other
+/// clients get `402 Payment Required` with JSON. Both carry `Taler: <pay_uri>`.
+pub fn payment_required(
+    html: bool,
+    pay_uri: &str,
+    status_url: &str,
+    summary: &str,
+    price: &crate::amount::Amount,
+) -> Response<Body> {
+    let (Ok(location), Ok(taler)) = (
+        HeaderValue::from_str(status_url),
+        HeaderValue::from_str(pay_uri),
+    ) else {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "The payment service gave an unusable answer.",
+            html,
+        );
+    };
+    let mut resp = if html {
+        let body = format!(
+            "<h1>Payment required</h1>\n<p>{summary} costs {price}.</p>\n\
+<p><a href=\"{status}\">Continue to the payment page</a></p>\n\
+<p>Or open this link with your GNU Taler wallet: <a href=\"{pay}\"><code>{pay}</code></a></p>",
+            summary = escape_html(summary),
+            price = escape_html(&price.to_string()),
+            status = escape_html(status_url),
+            pay = escape_html(pay_uri),
+        );
+        let mut r = with_type(
+            Response::new(full(html_document("Payment required", &body))),
+            StatusCode::FOUND,
+            "text/html; charset=utf-8",
+        );
+        r.headers_mut().insert(http::header::LOCATION, location);
+        r
+    } else {
+        let body = serde_json::json!({
+            "error": "payment required",
+            "taler_pay_uri": pay_uri,
+            "order_status_url": status_url,
+            "summary": summary,
+            "amount": price.to_string(),
+        });
+        with_type(
+            Response::new(full(format!("{body}\n"))),
+            StatusCode::PAYMENT_REQUIRED,
+            "application/json",
+        )
+    };
+    resp.headers_mut().insert(TALER_HEADER, taler);
+    resp
+}
+
+/// The purchase was refunded: no content. While the wallet has not collected the refund, the
+/// page links to the status page where it can (`403 Forbidden`).
+pub fn refunded(
+    html: bool,
+    pending: bool,
+    status_url: Option<&str>,
+    summary: &str,
+) -> Response<Body> {
+    let link = status_url.filter(|_| pending);
+    if html {
+        let mut body = format!(
+            "<h1>This purchase was refunded</h1>\n<p>Your payment for {} was refunded, so this page is no longer available to you.</p>",
+            escape_html(summary)
+        );
+        match link {
+            Some(url) => body.push_str(&format!(
+                "\n<p>Your wallet has not collected the refund yet. <a href=\"{}\">Collect your refund</a>.</p>",
+                escape_html(url)
+            )),
+            None => body.push_str("\n<p>The refund has been credited to your wallet.</p>"),
+        }
+        with_type(
+            Response::new(full(html_document("Purchase refunded", &body))),
+            StatusCode::FORBIDDEN,
+            "text/html; charset=utf-8",
+        )
+    } else {
+        let body = serde_json::json!({
+            "error": "refunded",
+            "refunded": true,
+            "refund_pending": pending,
+            "order_status_url": link,
+        });
+        with_type(
+            Response::new(full(format!("{body}\n"))),
+            StatusCode::FORBIDDEN,
+            "application/json",
+        )
+    }
+}
+
+/// The browser does not keep the session cookie, without which no purchase can work.
+pub fn cookies_required(html: bool) -> Response<Body> {
+    let mut r = error(
+        StatusCode::FORBIDDEN,
+        "This page is sold through GNU Taler and needs a cookie to remember your purchase. Please allow cookies for this site and reload.",
+        html,
+    );
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Too many new orders from this client address (`429`, with `Retry-After` set by the caller).
+pub fn rate_limited(html: bool, retry_after_secs: u64) -> Response<Body> {
+    error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("Too many payment requests from your address. Please try again in {retry_after_secs} seconds."),
+        html,
+    )
+}
