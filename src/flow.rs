@@ -149,6 +149,29 @@ impl PaymentGate {
         &self.merchant
     }
 
+    /// Asks the backend's `GET config` whether it is a compatible `taler-merchant` that
+    /// accepts every configured currency. `Ok` carries the backend's description; `Err` one
+    /// line saying what is wrong (for the log and `/readyz`).
+    ///
+    /// # Errors
+    /// The backend is unreachable, answers badly, or is incompatible.
+    pub async fn check_backend<'a>(
+        &self,
+        currencies: impl IntoIterator<Item = &'a str>,
+    ) -> Result<crate::merchant::BackendInfo, String> {
+        let info = self
+            .merchant
+            .config()
+            .await
+            .map_err(|e| format!("merchant backend {}: {e}", self.merchant.base_url()))?;
+        let problems = info.compatibility_problems(currencies);
+        if problems.is_empty() {
+            Ok(info)
+        } else {
+            Err(format!("merchant backend {}: {}", self.merchant.base_url(), problems.join("; ")))
+        }
+    }
+
     /// The fulfillment URL of a resource: `public_url` + the resource path. Stable byte for
     /// byte across orders, so wallets recognise repurchases.
     pub fn fulfillment_url(&self, resource: &str) -> String {
