@@ -469,7 +469,7 @@ impl Config {
             path: path.to_owned(),
             problem: Problem {
                 line: e.span().map(|s| line_of(text, s.start)),
-                message: e.message().trim().to_owned(),
+                message: redact_quoted_values(e.message().trim()),
             },
         })?;
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
@@ -492,6 +492,41 @@ impl Config {
     pub fn protect_rules(&self) -> &[ProtectRule] {
         &self.protect
     }
+}
+
+/// The parser's message with every double-quoted value replaced. serde quotes the offending
+/// string in messages such as `invalid type: string "…", expected a sequence`, and that string
+/// may be a secret (`previous_secrets = "…"` instead of a list). Key names and the parser's
+/// expectations are quoted with backticks and kept, backticks included.
+fn redact_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '`' => {
+                out.push(c);
+                for c in chars.by_ref() {
+                    out.push(c);
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+                out.push_str("(value not shown)");
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// 1-based line number of byte `offset` in `text`.
