@@ -469,7 +469,8 @@ impl Config {
             path: path.to_owned(),
             problem: Problem {
                 line: e.span().map(|s| line_of(text, s.start)),
-                message: redact_quoted_values(e.message().trim()),
+                // One problem per output line: toml's multi-line messages are joined.
+                message: redact_quoted_values(e.message().trim()).replace('\n', "; "),
             },
         })?;
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
