@@ -806,13 +806,25 @@ impl Validator<'_> {
                 Mode::Enforce
             }
         };
-        for (key, d) in [
-            ("server.header_read_timeout", header_read_timeout),
-            ("server.idle_timeout", idle_timeout),
-            ("server.request_timeout", request_timeout),
+        for (key, at, d) in [
+            (
+                "server.header_read_timeout",
+                &raw.header_read_timeout,
+                header_read_timeout,
+            ),
+            ("server.idle_timeout", &raw.idle_timeout, idle_timeout),
+            (
+                "server.request_timeout",
+                &raw.request_timeout,
+                request_timeout,
+            ),
         ] {
             if d.is_zero() {
-                self.fail_nowhere(format!("{key} must be greater than zero"));
+                let msg = format!("{key} must be greater than zero");
+                match at {
+                    Some(at) => self.fail(at, msg),
+                    None => self.fail_nowhere(msg),
+                }
             }
         }
         Some(ServerConfig {
@@ -994,7 +1006,11 @@ impl Validator<'_> {
             Duration::from_secs(30 * 24 * 3600),
         );
         if cookie_lifetime < Duration::from_secs(60) {
-            self.fail_nowhere("session.cookie_lifetime must be at least 60s");
+            let msg = "session.cookie_lifetime must be at least 60s";
+            match &raw.cookie_lifetime {
+                Some(at) => self.fail(at, msg),
+                None => self.fail_nowhere(msg),
+            }
         }
         Some(SessionConfig {
             secret: secret?,
