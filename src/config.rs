@@ -677,18 +677,16 @@ impl Validator<'_> {
         let merchant = self.merchant(&raw.merchant, env);
         let session = self.session(&raw.session, env);
         let protect = self.protect(&raw.protect);
-        let admin = raw
-            .admin
-            .as_ref()
-            .and_then(|a| self.socket_addr("admin.listen", &a.listen))
-            .map(|listen| AdminConfig { listen });
-        if raw.admin.is_some() && admin.is_none() {
-            return None;
-        }
-        if let (Some(s), Some(a)) = (&server, &admin) {
+        // `None`: no [admin] table; `Some(None)`: a table whose address is invalid. An invalid
+        // address must not end validation early, or the problems below would go unreported.
+        let admin: Option<Option<AdminConfig>> = raw.admin.as_ref().map(|a| {
+            self.socket_addr("admin.listen", &a.listen)
+                .map(|listen| AdminConfig { listen })
+        });
+        if let (Some(s), Some(Some(a)), Some(raw_admin)) = (&server, &admin, &raw.admin) {
             if s.listen == a.listen {
                 self.fail(
-                    &raw.admin.as_ref()?.listen,
+                    &raw_admin.listen,
                     "admin.listen must differ from server.listen: operator endpoints are never served on the public listener",
                 );
             }
@@ -709,7 +707,7 @@ impl Validator<'_> {
             merchant: merchant?,
             session: session?,
             protect: protect?,
-            admin,
+            admin: admin.map_or(Some(None), |a| a.map(Some))?,
             limits,
             pages,
         })
