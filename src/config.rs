@@ -1057,10 +1057,14 @@ impl Validator<'_> {
                 }
             };
             if let Some(p) = &prefix {
-                if !seen.insert(p.clone()) {
+                // The policy compares segments ASCII case-insensitively, so `/Premium/` and
+                // `/premium/` cover the same paths: two prices for one area is a mistake.
+                if !seen.insert(p.to_ascii_lowercase()) {
                     self.fail(
                         &r.prefix,
-                        format!("protect.prefix \"{prefix_raw}\" is listed twice"),
+                        format!(
+                            "protect.prefix \"{prefix_raw}\" is listed twice (prefixes match case-insensitively)"
+                        ),
                     );
                 }
             }
