@@ -427,7 +427,9 @@ fn a_relative_secret_file_is_read_from_the_config_directory() {
     let out = Command::new(BIN)
         .args(["check", "--config", path.to_str().unwrap()])
         .current_dir("/")
+        .env_remove("TALER_PAYWALL_CONFIG")
         .env_remove("TALER_PAYWALL_MERCHANT_TOKEN")
+        .env_remove("TALER_PAYWALL_SESSION_SECRET")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
