@@ -473,7 +473,8 @@ impl Config {
             path: path.to_owned(),
             problem: Problem {
                 line: e.span().map(|s| line_of(text, s.start)),
-                message: e.message().trim().to_owned(),
+                // One problem per output line: toml's multi-line messages are joined.
+                message: redact_quoted_values(e.message().trim()).replace('\n', "; "),
             },
         })?;
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
@@ -496,6 +497,41 @@ impl Config {
     pub fn protect_rules(&self) -> &[ProtectRule] {
         &self.protect
     }
+}
+
+/// The parser's message with every double-quoted value replaced. serde quotes the offending
+/// string in messages such as `invalid type: string "…", expected a sequence`, and that string
+/// may be a secret (`previous_secrets = "…"` instead of a list). Key names and the parser's
+/// expectations are quoted with backticks and kept, backticks included.
+fn redact_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '`' => {
+                out.push(c);
+                for c in chars.by_ref() {
+                    out.push(c);
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+                out.push_str("(value not shown)");
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// 1-based line number of byte `offset` in `text`.
@@ -645,18 +681,16 @@ impl Validator<'_> {
         let merchant = self.merchant(&raw.merchant, env);
         let session = self.session(&raw.session, env);
         let protect = self.protect(&raw.protect);
-        let admin = raw
-            .admin
-            .as_ref()
-            .and_then(|a| self.socket_addr("admin.listen", &a.listen))
-            .map(|listen| AdminConfig { listen });
-        if raw.admin.is_some() && admin.is_none() {
-            return None;
-        }
-        if let (Some(s), Some(a)) = (&server, &admin) {
+        // `None`: no [admin] table; `Some(None)`: a table whose address is invalid. An invalid
+        // address must not end validation early, or the problems below would go unreported.
+        let admin: Option<Option<AdminConfig>> = raw.admin.as_ref().map(|a| {
+            self.socket_addr("admin.listen", &a.listen)
+                .map(|listen| AdminConfig { listen })
+        });
+        if let (Some(s), Some(Some(a)), Some(raw_admin)) = (&server, &admin, &raw.admin) {
             if s.listen == a.listen {
                 self.fail(
-                    &raw.admin.as_ref()?.listen,
+                    &raw_admin.listen,
                     "admin.listen must differ from server.listen: operator endpoints are never served on the public listener",
                 );
             }
@@ -677,7 +711,7 @@ impl Validator<'_> {
             merchant: merchant?,
             session: session?,
             protect: protect?,
-            admin,
+            admin: admin.map_or(Some(None), |a| a.map(Some))?,
             limits,
             pages,
         })
@@ -774,13 +808,25 @@ impl Validator<'_> {
                 Mode::Enforce
             }
         };
-        for (key, d) in [
-            ("server.header_read_timeout", header_read_timeout),
-            ("server.idle_timeout", idle_timeout),
-            ("server.request_timeout", request_timeout),
+        for (key, at, d) in [
+            (
+                "server.header_read_timeout",
+                &raw.header_read_timeout,
+                header_read_timeout,
+            ),
+            ("server.idle_timeout", &raw.idle_timeout, idle_timeout),
+            (
+                "server.request_timeout",
+                &raw.request_timeout,
+                request_timeout,
+            ),
         ] {
             if d.is_zero() {
-                self.fail_nowhere(format!("{key} must be greater than zero"));
+                let msg = format!("{key} must be greater than zero");
+                match at {
+                    Some(at) => self.fail(at, msg),
+                    None => self.fail_nowhere(msg),
+                }
             }
         }
         Some(ServerConfig {
@@ -967,7 +1013,11 @@ impl Validator<'_> {
             Duration::from_secs(30 * 24 * 3600),
         );
         if cookie_lifetime < Duration::from_secs(60) {
-            self.fail_nowhere("session.cookie_lifetime must be at least 60s");
+            let msg = "session.cookie_lifetime must be at least 60s";
+            match &raw.cookie_lifetime {
+                Some(at) => self.fail(at, msg),
+                None => self.fail_nowhere(msg),
+            }
         }
         Some(SessionConfig {
             secret: secret?,
@@ -1016,10 +1066,14 @@ impl Validator<'_> {
                 }
             };
             if let Some(p) = &prefix {
-                if !seen.insert(p.clone()) {
+                // The policy compares segments ASCII case-insensitively, so `/Premium/` and
+                // `/premium/` cover the same paths: two prices for one area is a mistake.
+                if !seen.insert(p.to_ascii_lowercase()) {
                     self.fail(
                         &r.prefix,
-                        format!("protect.prefix \"{prefix_raw}\" is listed twice"),
+                        format!(
+                            "protect.prefix \"{prefix_raw}\" is listed twice (prefixes match case-insensitively)"
+                        ),
                     );
                 }
             }
@@ -1080,5 +1134,1001 @@ impl Validator<'_> {
                 .as_ref()
                 .map_or(256 * 1024 * 1024, |v| *v.get_ref()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distinctive values: if any of them shows up in a message or a `Debug` string, it leaked.
+    const TOKEN: &str = "secret-token:TOKEN-d1st1nct1ve-7f3a";
+    const SECRET: &str = "SECRET-d1st1nct1ve-0123456789abcdef-9c4e";
+    const ENV_TOKEN: &str = "secret-token:ENVTOKEN-d1st1nct1ve-51b2";
+    const ENV_SECRET: &str = "ENVSECRET-d1st1nct1ve-0123456789abcdef-a7d0";
+
+    const MINIMAL: &str = r#"[server]
+listen = "127.0.0.1:8080"
+public_url = "https://shop.example"
+
+[origin]
+url = "http://127.0.0.1:8000"
+
+[merchant]
+url = "https://backend.example/instances/shop/"
+token = "secret-token:TOKEN-d1st1nct1ve-7f3a"
+
+[session]
+secret = "SECRET-d1st1nct1ve-0123456789abcdef-9c4e"
+
+[[protect]]
+prefix = "/premium/"
+price = "KUDOS:1.5"
+summary = "Premium article"
+"#;
+
+    fn file() -> &'static Path {
+        Path::new("/etc/taler-paywall/gateway.toml")
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, file(), &NoEnv)
+    }
+
+    fn ok(text: &str) -> Config {
+        match parse(text) {
+            Ok(c) => c,
+            Err(e) => panic!("expected a valid config, got:\n{e}"),
+        }
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text) {
+            Ok(_) => panic!("expected problems, the config was accepted:\n{text}"),
+            Err(e) => e.problems(),
+        }
+    }
+
+    /// The only problem of `text`, asserted to be on the line containing `on_line`.
+    fn one_problem(text: &str, on_line: &str) -> String {
+        let ps = problems(text);
+        assert_eq!(ps.len(), 1, "expected one problem, got {ps:?}");
+        assert_eq!(ps[0].line, Some(line_with(text, on_line)), "{ps:?}");
+        ps[0].message.clone()
+    }
+
+    /// 1-based number of the only line of `text` that contains `needle`.
+    fn line_with(text: &str, needle: &str) -> usize {
+        let hits: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(needle))
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert_eq!(hits.len(), 1, "{needle:?} must be on exactly one line");
+        hits[0]
+    }
+
+    /// `text` with the line containing `needle` replaced by `with` (which may be several lines).
+    fn replace_line(text: &str, needle: &str, with: &str) -> String {
+        let n = line_with(text, needle);
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| if i + 1 == n { with } else { l })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    }
+
+    /// `text` with `lines` inserted right after the line containing `needle`.
+    fn insert_after(text: &str, needle: &str, lines: &str) -> String {
+        let n = line_with(text, needle);
+        let mut out: Vec<&str> = text.lines().collect();
+        out.insert(n, lines);
+        out.join("\n") + "\n"
+    }
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    // -- valid files and defaults ---------------------------------------------------------------
+
+    #[test]
+    fn minimal_file_is_valid_and_values_are_typed() {
+        let c = ok(MINIMAL);
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.public_url.as_str(), "https://shop.example/");
+        assert_eq!(c.origin.url.as_str(), "http://127.0.0.1:8000/");
+        assert_eq!(
+            c.merchant.url.as_str(),
+            "https://backend.example/instances/shop/"
+        );
+        assert_eq!(c.merchant.token.expose(), TOKEN);
+        assert_eq!(c.session.secret.expose(), SECRET);
+        assert_eq!(c.protect.len(), 1);
+        let rule = &c.protect[0];
+        assert_eq!(rule.prefix, "/premium");
+        assert_eq!(rule.price, "KUDOS:1.5".parse::<Amount>().unwrap());
+        assert_eq!(rule.summary, "Premium article");
+    }
+
+    #[test]
+    fn omitted_keys_get_their_documented_defaults() {
+        let c = ok(MINIMAL);
+        let s = Duration::from_secs;
+        assert_eq!(c.server.header_read_timeout, s(10));
+        assert_eq!(c.server.idle_timeout, s(60));
+        assert_eq!(c.server.request_timeout, s(300));
+        assert_eq!(c.server.shutdown_grace, s(30));
+        assert_eq!(c.server.max_header_bytes, 64 * 1024);
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.server.mode, Mode::Enforce);
+        assert!(c.server.tls.is_none());
+        assert!(c.server.trusted_proxies.is_empty());
+        assert_eq!(c.origin.host_header, HostHeader::Client);
+        assert_eq!(c.origin.connect_timeout, s(5));
+        assert_eq!(c.origin.response_timeout, s(60));
+        assert_eq!(c.origin.max_idle_per_host, 256);
+        assert!(c.origin.ca_file.is_none());
+        assert_eq!(c.merchant.timeout, s(10));
+        assert!(c.merchant.ca_file.is_none());
+        assert_eq!(c.session.recheck_interval, s(300));
+        assert_eq!(c.session.cookie_lifetime, s(30 * 24 * 3600));
+        assert!(c.session.previous_secrets.is_empty());
+        assert_eq!(c.protect[0].scope, Scope::Page);
+        assert!(c.admin.is_none());
+        assert_eq!(c.limits.orders_per_minute, 30);
+        assert_eq!(c.limits.orders_burst, 10);
+        assert_eq!(c.limits.max_request_body, 256 * 1024 * 1024);
+        assert!(c.pages.dir.is_none());
+    }
+
+    #[test]
+    fn a_file_without_protect_tables_is_valid_and_protects_nothing() {
+        let text = MINIMAL.split("[[protect]]").next().unwrap();
+        assert!(ok(text).protect.is_empty());
+    }
+
+    /// The example of `shared/spec/interface.md`, with real files for the TLS keys.
+    #[test]
+    fn every_pinned_key_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fullchain.pem"), "cert").unwrap();
+        std::fs::write(dir.path().join("privkey.pem"), "key").unwrap();
+        let text = r#"
+[server]
+listen = "127.0.0.1:8080"
+public_url = "https://shop.example"
+
+[origin]
+url = "http://127.0.0.1:8000"
+
+[merchant]
+url = "https://backend.example/instances/shop/"
+token = "secret-token:TOKEN-d1st1nct1ve-7f3a"
+
+[session]
+secret = "SECRET-d1st1nct1ve-0123456789abcdef-9c4e"
+recheck_interval = "0s"
+
+[[protect]]
+prefix = "/premium/"
+price = "KUDOS:1.5"
+summary = "Premium article"
+scope = "page"
+
+[[protect]]
+prefix = "/courses/"
+price = "KUDOS:10"
+summary = "All courses"
+scope = "prefix"
+
+[server.tls]
+cert_file = "fullchain.pem"
+key_file = "privkey.pem"
+
+[admin]
+listen = "127.0.0.1:9090"
+"#;
+        let c = Config::from_toml_str(text, &dir.path().join("gateway.toml"), &NoEnv)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.session.recheck_interval, Duration::ZERO);
+        let scopes: Vec<(&str, Scope)> = c
+            .protect
+            .iter()
+            .map(|r| (r.prefix.as_str(), r.scope))
+            .collect();
+        assert_eq!(
+            scopes,
+            [("/premium", Scope::Page), ("/courses", Scope::Prefix)]
+        );
+        let tls = c.server.tls.expect("tls");
+        assert_eq!(tls.cert_file, dir.path().join("fullchain.pem"));
+        assert_eq!(tls.key_file, dir.path().join("privkey.pem"));
+        assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9090".parse().unwrap());
+    }
+
+    #[test]
+    fn every_extra_key_is_accepted_and_used() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "ca").unwrap();
+        std::fs::create_dir(dir.path().join("pages")).unwrap();
+        let text = r#"
+[server]
+listen = "[::1]:8443"
+public_url = "https://shop.example/blog"
+trusted_proxies = ["10.0.0.0/8", "192.0.2.7"]
+header_read_timeout = "3s"
+max_header_bytes = 16384
+idle_timeout = "2m"
+request_timeout = "90s"
+shutdown_grace = "0s"
+max_connections = 500
+mode = "observe"
+
+[origin]
+url = "https://origin.internal:8443/site"
+host_header = "origin"
+connect_timeout = "1s"
+response_timeout = "20s"
+ca_file = "ca.pem"
+max_idle_per_host = 8
+
+[merchant]
+url = "https://backend.example/"
+token = "secret-token:TOKEN-d1st1nct1ve-7f3a"
+timeout = "4s"
+ca_file = "ca.pem"
+
+[session]
+secret = "SECRET-d1st1nct1ve-0123456789abcdef-9c4e"
+previous_secrets = ["OLD-d1st1nct1ve-0123456789abcdef-0123456789"]
+recheck_interval = "1m"
+cookie_lifetime = "7days"
+
+[limits]
+orders_per_minute = 0
+orders_burst = 3
+max_request_body = 1048576
+
+[pages]
+dir = "pages"
+"#;
+        let c = Config::from_toml_str(text, &dir.path().join("gateway.toml"), &NoEnv)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let s = Duration::from_secs;
+        assert_eq!(c.server.listen, "[::1]:8443".parse().unwrap());
+        assert_eq!(c.server.public_url.as_str(), "https://shop.example/blog");
+        assert_eq!(
+            c.server.trusted_proxies,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "192.0.2.7/32".parse::<IpNet>().unwrap()
+            ]
+        );
+        assert_eq!(c.server.header_read_timeout, s(3));
+        assert_eq!(c.server.max_header_bytes, 16384);
+        assert_eq!(c.server.idle_timeout, s(120));
+        assert_eq!(c.server.request_timeout, s(90));
+        assert_eq!(c.server.shutdown_grace, Duration::ZERO);
+        assert_eq!(c.server.max_connections, 500);
+        assert_eq!(c.server.mode, Mode::Observe);
+        assert_eq!(c.origin.url.as_str(), "https://origin.internal:8443/site");
+        assert_eq!(c.origin.host_header, HostHeader::Origin);
+        assert_eq!(c.origin.connect_timeout, s(1));
+        assert_eq!(c.origin.response_timeout, s(20));
+        assert_eq!(c.origin.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(c.origin.max_idle_per_host, 8);
+        assert_eq!(c.merchant.timeout, s(4));
+        assert_eq!(c.merchant.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(c.session.previous_secrets.len(), 1);
+        assert_eq!(c.session.recheck_interval, s(60));
+        assert_eq!(c.session.cookie_lifetime, s(7 * 24 * 3600));
+        assert_eq!(c.limits.orders_per_minute, 0);
+        assert_eq!(c.limits.orders_burst, 3);
+        assert_eq!(c.limits.max_request_body, 1_048_576);
+        assert_eq!(c.pages.dir, Some(dir.path().join("pages")));
+    }
+
+    // -- unknown keys ---------------------------------------------------------------------------
+
+    #[test]
+    fn an_unknown_key_is_rejected_at_its_line_in_every_table() {
+        let full = format!(
+            "{MINIMAL}\n[server.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n\n[admin]\nlisten = \"127.0.0.1:9090\"\n\n[limits]\norders_burst = 1\n\n[pages]\ndir = \"/p\"\n"
+        );
+        for table in [
+            "[server]",
+            "[origin]",
+            "[merchant]",
+            "[session]",
+            "[[protect]]",
+            "[server.tls]",
+            "[admin]",
+            "[limits]",
+            "[pages]",
+        ] {
+            let text = insert_after(&full, table, "prefixx = \"/typo/\"");
+            let Err(ConfigError::Parse { problem, .. }) = parse(&text) else {
+                panic!("{table}: an unknown key must be a parse error");
+            };
+            assert_eq!(problem.line, Some(line_with(&text, "prefixx")), "{table}");
+            assert!(
+                problem.message.contains("unknown field `prefixx`"),
+                "{table}: {}",
+                problem.message
+            );
+        }
+        // And at the top level, before any table.
+        let text = format!("protected = true\n{full}");
+        let Err(ConfigError::Parse { problem, .. }) = parse(&text) else {
+            panic!("an unknown top-level key must be a parse error");
+        };
+        assert_eq!(problem.line, Some(1));
+        assert!(problem.message.contains("unknown field `protected`"));
+    }
+
+    #[test]
+    fn a_missing_required_table_is_reported() {
+        let text = replace_line(MINIMAL, "[origin]", "[originn]");
+        let ps = problems(&text);
+        assert_eq!(ps.len(), 1);
+        assert!(ps[0].message.contains("originn"), "{ps:?}");
+    }
+
+    // -- values ---------------------------------------------------------------------------------
+
+    #[test]
+    fn bad_amounts_are_rejected_at_the_price_line() {
+        for price in ["KUDOS:1.123456789", "1.5", "kudos:1", "KUDOS:", "KUDOS:-1"] {
+            let text = replace_line(MINIMAL, "price =", &format!("price = \"{price}\""));
+            let msg = one_problem(&text, "price =");
+            assert!(msg.starts_with("protect.price"), "{price}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_zero_price_is_rejected() {
+        for price in ["KUDOS:0", "KUDOS:0.00"] {
+            let text = replace_line(MINIMAL, "price =", &format!("price = \"{price}\""));
+            assert!(one_problem(&text, "price =").contains("more than zero"));
+        }
+    }
+
+    #[test]
+    fn the_session_secret_needs_32_bytes() {
+        let short = "x".repeat(MIN_SECRET_BYTES - 1);
+        let text = replace_line(MINIMAL, "secret =", &format!("secret = \"{short}\""));
+        let msg = one_problem(&text, "secret =");
+        assert!(msg.contains("31 bytes") && msg.contains("32"), "{msg}");
+
+        let exact = "x".repeat(MIN_SECRET_BYTES);
+        let text = replace_line(MINIMAL, "secret =", &format!("secret = \"{exact}\""));
+        assert_eq!(ok(&text).session.secret.expose(), exact);
+
+        // Bytes, not characters: 16 two-byte characters are enough.
+        let text = replace_line(
+            MINIMAL,
+            "secret =",
+            &format!("secret = \"{}\"", "é".repeat(16)),
+        );
+        ok(&text);
+    }
+
+    #[test]
+    fn a_short_previous_secret_is_rejected() {
+        let text = insert_after(MINIMAL, "secret =", "previous_secrets = [\"short\"]");
+        assert!(one_problem(&text, "previous_secrets").contains("32 bytes"));
+    }
+
+    #[test]
+    fn bad_listen_addresses_are_rejected() {
+        for addr in ["localhost:8080", "127.0.0.1", "8080", "127.0.0.1:99999", ""] {
+            let text = replace_line(MINIMAL, "listen =", &format!("listen = \"{addr}\""));
+            let msg = one_problem(&text, "listen =");
+            assert!(msg.starts_with("server.listen"), "{addr}: {msg}");
+        }
+    }
+
+    #[test]
+    fn non_http_urls_are_rejected() {
+        for (needle, key) in [
+            ("url = \"http://127.0.0.1:8000\"", "origin.url"),
+            ("url = \"https://backend", "merchant.url"),
+            ("public_url =", "server.public_url"),
+        ] {
+            for url in [
+                "ftp://example.org/",
+                "file:///srv/www",
+                "unix:/run/x.sock",
+                "127.0.0.1:8000",
+                "http://",
+            ] {
+                let line = needle.split('=').next().unwrap();
+                let text = replace_line(MINIMAL, needle, &format!("{line}= \"{url}\""));
+                let msg = one_problem(&text, &format!("\"{url}\""));
+                assert!(msg.starts_with(key), "{key} = {url}: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn urls_with_query_fragment_or_credentials_are_rejected() {
+        for url in [
+            "http://127.0.0.1:8000/?a=1",
+            "http://127.0.0.1:8000/#top",
+            "http://user:pw@127.0.0.1:8000/",
+        ] {
+            let text = replace_line(
+                MINIMAL,
+                "url = \"http://127.0.0.1:8000\"",
+                &format!("url = \"{url}\""),
+            );
+            assert!(one_problem(&text, url).starts_with("origin.url"), "{url}");
+            let text = replace_line(
+                MINIMAL,
+                "url = \"https://backend",
+                &format!("url = \"{url}\""),
+            );
+            assert!(one_problem(&text, url).starts_with("merchant.url"), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_public_url_with_a_non_plain_path_is_rejected() {
+        let text = replace_line(
+            MINIMAL,
+            "public_url =",
+            "public_url = \"https://shop.example/a/../b\"",
+        );
+        // The url crate resolves dot segments itself, before our check sees the path.
+        assert_eq!(ok(&text).server.public_url.path(), "/b");
+        let text = replace_line(
+            MINIMAL,
+            "public_url =",
+            "public_url = \"https://shop.example/a%2Fb\"",
+        );
+        assert!(one_problem(&text, "public_url").contains("plain"));
+    }
+
+    #[test]
+    fn a_duplicate_prefix_is_reported_at_the_second_table() {
+        for second in ["/premium/", "/premium", "/Premium/", "/PREMIUM"] {
+            let text = format!(
+                "{MINIMAL}\n[[protect]]\nprefix = \"{second}\" # again\nprice = \"KUDOS:2\"\nsummary = \"again\"\n"
+            );
+            let msg = one_problem(&text, "# again");
+            assert!(msg.contains("listed twice"), "{second}: {msg}");
+        }
+        // Different areas are not duplicates, nested ones included.
+        let text = format!(
+            "{MINIMAL}\n[[protect]]\nprefix = \"/premium/gold/\"\nprice = \"KUDOS:2\"\nsummary = \"gold\"\n"
+        );
+        assert_eq!(ok(&text).protect.len(), 2);
+    }
+
+    #[test]
+    fn a_prefix_not_in_normal_form_is_rejected_with_the_normal_form() {
+        for (prefix, hint) in [
+            ("/a/../b/", "write \"/b/\""),
+            ("/a//b/", "write \"/a/b/\""),
+            ("/./premium/", "write \"/premium/\""),
+            ("/%7Euser/", "write \"/~user/\""),
+            ("premium/", "must start with /"),
+            ("", "must start with /"),
+            ("/a%2Fb/", "encoded '/'"),
+            ("/../", "above the root"),
+        ] {
+            let text = replace_line(MINIMAL, "prefix =", &format!("prefix = \"{prefix}\""));
+            let msg = one_problem(&text, "prefix =");
+            assert!(msg.contains(hint), "{prefix:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn normal_prefixes_are_stored_without_trailing_slash() {
+        for (prefix, stored) in [
+            ("/premium/", "/premium"),
+            ("/premium", "/premium"),
+            ("/a/b/", "/a/b"),
+            ("/", "/"),
+        ] {
+            let text = replace_line(MINIMAL, "prefix =", &format!("prefix = \"{prefix}\""));
+            assert_eq!(ok(&text).protect[0].prefix, stored, "{prefix}");
+        }
+    }
+
+    #[test]
+    fn an_empty_summary_is_rejected() {
+        let text = replace_line(MINIMAL, "summary =", "summary = \"   \"");
+        assert!(one_problem(&text, "summary =").contains("summary"));
+    }
+
+    #[test]
+    fn bad_durations_are_rejected_at_their_line() {
+        for value in ["300", "5 minutes please", "-1s", ""] {
+            let text = insert_after(
+                MINIMAL,
+                "secret =",
+                &format!("recheck_interval = \"{value}\""),
+            );
+            let msg = one_problem(&text, "recheck_interval");
+            assert!(
+                msg.starts_with("session.recheck_interval"),
+                "{value}: {msg}"
+            );
+        }
+        let text = insert_after(MINIMAL, "listen =", "idle_timeout = \"0s\"");
+        assert!(one_problem(&text, "idle_timeout").contains("greater than zero"));
+        let text = insert_after(MINIMAL, "secret =", "cookie_lifetime = \"59s\"");
+        assert!(one_problem(&text, "cookie_lifetime").contains("at least 60s"));
+    }
+
+    #[test]
+    fn bad_enumerations_are_rejected() {
+        let text = insert_after(MINIMAL, "summary =", "scope = \"site\"");
+        assert!(one_problem(&text, "scope =").contains("\"page\" nor \"prefix\""));
+        let text = insert_after(MINIMAL, "summary =", "scope = \"Page\"");
+        one_problem(&text, "scope =");
+        let text = insert_after(MINIMAL, "listen =", "mode = \"audit\"");
+        assert!(one_problem(&text, "mode =").starts_with("server.mode"));
+        let text = insert_after(MINIMAL, "url = \"http://127", "host_header = \"proxy\"");
+        assert!(one_problem(&text, "host_header").starts_with("origin.host_header"));
+    }
+
+    #[test]
+    fn bad_numbers_and_networks_are_rejected() {
+        let text = insert_after(MINIMAL, "listen =", "max_header_bytes = 100");
+        one_problem(&text, "max_header_bytes");
+        let text = insert_after(MINIMAL, "listen =", "max_connections = 0");
+        one_problem(&text, "max_connections");
+        let text = insert_after(MINIMAL, "listen =", "trusted_proxies = [\"10.0.0.0/33\"]");
+        one_problem(&text, "trusted_proxies");
+    }
+
+    #[test]
+    fn missing_files_are_reported_at_their_line() {
+        let text = format!(
+            "{MINIMAL}\n[server.tls]\ncert_file = \"no-such-cert.pem\"\nkey_file = \"/no/such/key.pem\"\n"
+        );
+        let ps = problems(&text);
+        let lines: Vec<Option<usize>> = ps.iter().map(|p| p.line).collect();
+        assert_eq!(
+            lines,
+            [
+                Some(line_with(&text, "cert_file")),
+                Some(line_with(&text, "key_file"))
+            ]
+        );
+        // Relative paths are resolved against the config file's directory.
+        assert!(ps[0]
+            .message
+            .contains("/etc/taler-paywall/no-such-cert.pem"));
+    }
+
+    // -- secrets: token, token_file, secret_file, environment -----------------------------------
+
+    #[test]
+    fn token_and_token_file_together_are_rejected() {
+        let text = insert_after(MINIMAL, "token =", "token_file = \"/run/secrets/token\"");
+        let msg = one_problem(&text, "token =");
+        assert!(msg.contains("not both"), "{msg}");
+    }
+
+    #[test]
+    fn secret_and_secret_file_together_are_rejected() {
+        let text = insert_after(MINIMAL, "secret =", "secret_file = \"/run/secrets/s\"");
+        assert!(one_problem(&text, "secret =").contains("not both"));
+    }
+
+    #[test]
+    fn a_missing_token_or_secret_names_the_ways_to_set_it() {
+        let text = replace_line(MINIMAL, "token =", "");
+        let msg = one_problem(&text, "url = \"https://backend");
+        assert!(
+            msg.contains("token_file") && msg.contains(ENV_MERCHANT_TOKEN),
+            "{msg}"
+        );
+
+        let text = replace_line(MINIMAL, "secret =", "");
+        let ps = problems(&text);
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert!(
+            ps[0].message.contains("secret_file") && ps[0].message.contains(ENV_SESSION_SECRET)
+        );
+    }
+
+    #[test]
+    fn secret_files_are_read_relative_to_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(dir.path().join("secrets/session"), format!("{SECRET}\r\n")).unwrap();
+        let text = replace_line(MINIMAL, "token =", "token_file = \"secrets/token\"");
+        let text = replace_line(&text, "secret =", "secret_file = \"secrets/session\"");
+        let c = Config::from_toml_str(&text, &dir.path().join("gateway.toml"), &NoEnv)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The final newline that editors and `echo` add is not part of the secret.
+        assert_eq!(c.merchant.token.expose(), TOKEN);
+        assert_eq!(c.session.secret.expose(), SECRET);
+
+        // An absolute path is taken as it is.
+        let abs = dir.path().join("secrets/token");
+        let text = replace_line(
+            MINIMAL,
+            "token =",
+            &format!("token_file = \"{}\"", abs.display()),
+        );
+        assert_eq!(ok(&text).merchant.token.expose(), TOKEN);
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_is_reported_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = replace_line(MINIMAL, "token =", "token_file = \"missing-token\"");
+        let text = replace_line(&text, "secret =", "secret_file = \".\"");
+        let err = Config::from_toml_str(&text, &dir.path().join("gateway.toml"), &NoEnv)
+            .expect_err("unreadable files");
+        let ps = err.problems();
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert_eq!(ps[0].line, Some(line_with(&text, "token_file")));
+        assert!(ps[0]
+            .message
+            .contains(&dir.path().join("missing-token").display().to_string()));
+        assert_eq!(ps[1].line, Some(line_with(&text, "secret_file")));
+        assert!(ps[1]
+            .message
+            .starts_with("session.secret_file: cannot read"));
+    }
+
+    #[test]
+    fn a_short_secret_from_a_file_is_rejected_at_the_secret_file_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "too short\n").unwrap();
+        let text = replace_line(MINIMAL, "secret =", "secret_file = \"s\"");
+        let err = Config::from_toml_str(&text, &dir.path().join("gateway.toml"), &NoEnv)
+            .expect_err("short secret");
+        let ps = err.problems();
+        assert_eq!(ps.len(), 1);
+        assert_eq!(ps[0].line, Some(line_with(&text, "secret_file")));
+        assert!(ps[0].message.contains("9 bytes"), "{ps:?}");
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file() {
+        let e = env(&[
+            (ENV_MERCHANT_TOKEN, ENV_TOKEN),
+            (ENV_SESSION_SECRET, ENV_SECRET),
+        ]);
+        let c = Config::from_toml_str(MINIMAL, file(), &e).unwrap();
+        assert_eq!(c.merchant.token.expose(), ENV_TOKEN);
+        assert_eq!(c.session.secret.expose(), ENV_SECRET);
+
+        // Over *_file too: the files are then not even read.
+        let text = replace_line(MINIMAL, "token =", "token_file = \"/no/such/token\"");
+        let text = replace_line(&text, "secret =", "secret_file = \"/no/such/secret\"");
+        let c = Config::from_toml_str(&text, file(), &e).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.merchant.token.expose(), ENV_TOKEN);
+        assert_eq!(c.session.secret.expose(), ENV_SECRET);
+
+        // And the file need not name them at all.
+        let text = replace_line(MINIMAL, "token =", "");
+        let text = replace_line(&text, "secret =", "");
+        assert!(Config::from_toml_str(&text, file(), &e).is_ok());
+    }
+
+    #[test]
+    fn a_short_secret_from_the_environment_names_the_variable() {
+        let e = env(&[(ENV_SESSION_SECRET, "short")]);
+        let err = Config::from_toml_str(MINIMAL, file(), &e).expect_err("short");
+        let ps = err.problems();
+        assert_eq!(ps.len(), 1);
+        assert_eq!(ps[0].line, None, "the file is not where the problem is");
+        assert!(ps[0].message.starts_with(ENV_SESSION_SECRET), "{ps:?}");
+    }
+
+    #[test]
+    fn the_secret_token_prefix_is_added_when_missing() {
+        let text = replace_line(MINIMAL, "token =", "token = \"sandbox\"");
+        assert_eq!(ok(&text).merchant.token.expose(), "secret-token:sandbox");
+        let e = env(&[(ENV_MERCHANT_TOKEN, "from-env")]);
+        let c = Config::from_toml_str(MINIMAL, file(), &e).unwrap();
+        assert_eq!(c.merchant.token.expose(), "secret-token:from-env");
+        // Never doubled.
+        let text = replace_line(MINIMAL, "token =", "token = \"secret-token:abc\"");
+        assert_eq!(ok(&text).merchant.token.expose(), "secret-token:abc");
+    }
+
+    #[test]
+    fn an_empty_or_non_printable_token_is_rejected() {
+        for token in ["secret-token:", "", "secret-token:has space"] {
+            let text = replace_line(MINIMAL, "token =", &format!("token = \"{token}\""));
+            assert!(
+                one_problem(&text, "url = \"https://backend").contains("printable"),
+                "{token:?}"
+            );
+        }
+    }
+
+    // -- URL shapes -----------------------------------------------------------------------------
+
+    #[test]
+    fn the_merchant_url_always_ends_in_a_slash() {
+        for (given, stored) in [
+            (
+                "https://backend.example/instances/shop",
+                "https://backend.example/instances/shop/",
+            ),
+            (
+                "https://backend.example/instances/shop/",
+                "https://backend.example/instances/shop/",
+            ),
+            ("http://127.0.0.1:9966", "http://127.0.0.1:9966/"),
+        ] {
+            let text = replace_line(
+                MINIMAL,
+                "url = \"https://backend",
+                &format!("url = \"{given}\""),
+            );
+            assert_eq!(ok(&text).merchant.url.as_str(), stored, "{given}");
+        }
+    }
+
+    #[test]
+    fn the_public_url_and_origin_lose_their_trailing_slash() {
+        let text = replace_line(
+            MINIMAL,
+            "public_url =",
+            "public_url = \"https://shop.example/blog/\"",
+        );
+        assert_eq!(
+            ok(&text).server.public_url.as_str(),
+            "https://shop.example/blog"
+        );
+        let text = replace_line(
+            MINIMAL,
+            "url = \"http://127.0.0.1:8000\"",
+            "url = \"http://127.0.0.1:8000/site/\"",
+        );
+        assert_eq!(ok(&text).origin.url.as_str(), "http://127.0.0.1:8000/site");
+    }
+
+    // -- [admin] --------------------------------------------------------------------------------
+
+    #[test]
+    fn the_admin_listener_must_differ_from_the_public_one() {
+        let text = format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:8080\" # admin\n");
+        let msg = one_problem(&text, "# admin");
+        assert!(msg.starts_with("admin.listen must differ"), "{msg}");
+        let text = format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9090\"\n");
+        assert!(ok(&text).admin.is_some());
+    }
+
+    // -- several problems -----------------------------------------------------------------------
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_with_its_own_line() {
+        let text = r#"[server]
+listen = "localhost"
+public_url = "https://shop.example"
+idle_timeout = "0s"
+
+[origin]
+url = "ftp://origin.example"
+
+[merchant]
+url = "https://backend.example/?instance=shop"
+token = "secret-token:TOKEN-d1st1nct1ve-7f3a"
+
+[session]
+secret = "too-short"
+recheck_interval = "soon"
+
+[[protect]]
+prefix = "/a/../premium/"
+price = "KUDOS:1.123456789"
+summary = "Premium"
+scope = "everything"
+
+[[protect]]
+prefix = "/free/"
+price = "KUDOS:0"
+summary = "Free?"
+
+[admin]
+listen = "nope"
+
+[pages]
+dir = "/no/such/pages/dir"
+"#;
+        let ps = problems(text);
+        let got: Vec<(usize, &str)> = ps
+            .iter()
+            .map(|p| {
+                (
+                    p.line.expect("every problem has a line"),
+                    p.message.as_str(),
+                )
+            })
+            .collect();
+        let want = [
+            ("listen = \"localhost\"", "server.listen"),
+            ("idle_timeout", "server.idle_timeout"),
+            ("ftp://", "origin.url"),
+            ("?instance=", "merchant.url"),
+            ("too-short", "session.secret"),
+            ("soon", "session.recheck_interval"),
+            ("/a/../premium/", "protect.prefix"),
+            ("1.123456789", "protect.price"),
+            ("everything", "protect.scope"),
+            ("KUDOS:0", "protect.price"),
+            ("\"nope\"", "admin.listen"),
+            ("/no/such/pages", "pages.dir"),
+        ];
+        for (needle, key) in want {
+            let line = line_with(text, needle);
+            assert!(
+                got.iter().any(|(l, m)| *l == line && m.starts_with(key)),
+                "no {key} problem on line {line}; got {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+
+        // Display puts each on its own `FILE:LINE: message` line.
+        let shown = parse(text).unwrap_err().to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), want.len());
+        for (line, (l, m)) in lines.iter().zip(&got) {
+            assert_eq!(*line, format!("/etc/taler-paywall/gateway.toml:{l}: {m}"));
+        }
+    }
+
+    // -- secrets never leak ---------------------------------------------------------------------
+
+    fn assert_no_secret(what: &str, s: &str) {
+        for secret in [
+            TOKEN,
+            "TOKEN-d1st1nct1ve",
+            SECRET,
+            "SECRET-d1st1nct1ve",
+            ENV_TOKEN,
+            "ENVTOKEN-d1st1nct1ve",
+            ENV_SECRET,
+            "ENVSECRET-d1st1nct1ve",
+            "OLD-d1st1nct1ve",
+        ] {
+            assert!(!s.contains(secret), "{what} leaks {secret:?}:\n{s}");
+        }
+    }
+
+    #[test]
+    fn debug_output_never_contains_a_secret() {
+        let text = insert_after(
+            MINIMAL,
+            "secret =",
+            "previous_secrets = [\"OLD-d1st1nct1ve-0123456789abcdef-0123456789\"]",
+        );
+        let c = ok(&text);
+        assert_no_secret("Config Debug", &format!("{c:?}"));
+        assert_no_secret("Config pretty Debug", &format!("{c:#?}"));
+        assert_no_secret("Secret Display", &c.merchant.token.to_string());
+        let e = env(&[
+            (ENV_MERCHANT_TOKEN, ENV_TOKEN),
+            (ENV_SESSION_SECRET, ENV_SECRET),
+        ]);
+        let c = Config::from_toml_str(MINIMAL, file(), &e).unwrap();
+        assert_no_secret("Config Debug (env)", &format!("{c:?}"));
+    }
+
+    #[test]
+    fn error_messages_never_contain_a_secret() {
+        let with_old = |old: &str| insert_after(MINIMAL, "secret =", old);
+        let cases: Vec<(&str, String)> = vec![
+            // Secrets of the wrong type: serde would quote the value.
+            (
+                "previous_secrets as a string",
+                with_old("previous_secrets = \"OLD-d1st1nct1ve-0123456789abcdef-0123456789\""),
+            ),
+            (
+                "token as a table",
+                replace_line(
+                    MINIMAL,
+                    "token =",
+                    "token = { value = \"secret-token:TOKEN-d1st1nct1ve-7f3a\" }",
+                ),
+            ),
+            // Secrets that fail validation.
+            (
+                "token with a space",
+                replace_line(
+                    MINIMAL,
+                    "token =",
+                    "token = \"secret-token:TOKEN-d1st1nct1ve 7f3a\"",
+                ),
+            ),
+            (
+                "short secret",
+                replace_line(MINIMAL, "secret =", "secret = \"SECRET-d1st1nct1ve\""),
+            ),
+            (
+                "short previous secret",
+                with_old("previous_secrets = [\"OLD-d1st1nct1ve\"]"),
+            ),
+            (
+                "token and token_file",
+                insert_after(MINIMAL, "token =", "token_file = \"/x\""),
+            ),
+            (
+                "secret and secret_file",
+                insert_after(MINIMAL, "secret =", "secret_file = \"/x\""),
+            ),
+            // A secret in a misspelt key, or on a line with a syntax error.
+            (
+                "misspelt key",
+                replace_line(
+                    MINIMAL,
+                    "secret =",
+                    "secrett = \"SECRET-d1st1nct1ve-0123456789abcdef-9c4e\"",
+                ),
+            ),
+            (
+                "syntax error",
+                replace_line(
+                    MINIMAL,
+                    "secret =",
+                    "secret = \"SECRET-d1st1nct1ve-0123456789abcdef-9c4e\" trailing",
+                ),
+            ),
+            (
+                "unterminated string",
+                replace_line(
+                    MINIMAL,
+                    "token =",
+                    "token = \"secret-token:TOKEN-d1st1nct1ve-7f3a",
+                ),
+            ),
+            // Another key's problem in a file that holds the secrets.
+            (
+                "bad price",
+                replace_line(MINIMAL, "price =", "price = \"1.5\""),
+            ),
+        ];
+        for (what, text) in &cases {
+            let err = parse(text).expect_err(what);
+            assert_no_secret(what, &err.to_string());
+            assert_no_secret(what, &format!("{err:?}"));
+        }
+
+        // Secrets from the environment that are rejected.
+        let e = env(&[
+            (ENV_MERCHANT_TOKEN, "secret-token:ENVTOKEN-d1st1nct1ve 51b2"),
+            (ENV_SESSION_SECRET, "ENVSECRET-d1st1nct1ve"),
+        ]);
+        let err = Config::from_toml_str(MINIMAL, file(), &e).expect_err("env");
+        assert_eq!(err.problems().len(), 2);
+        assert_no_secret("env secrets", &err.to_string());
+        assert_no_secret("env secrets", &format!("{err:?}"));
+    }
+
+    #[test]
+    fn redaction_keeps_backquoted_names_and_hides_quoted_values() {
+        assert_eq!(
+            redact_quoted_values(r#"invalid type: string "a \"b\" c", expected a sequence"#),
+            "invalid type: string (value not shown), expected a sequence"
+        );
+        assert_eq!(
+            redact_quoted_values("expected `\"`, `'`"),
+            "expected `\"`, `'`"
+        );
+        assert_eq!(
+            redact_quoted_values("unknown field `secrett`, expected `secret`"),
+            "unknown field `secrett`, expected `secret`"
+        );
     }
 }
