@@ -83,8 +83,8 @@ pub struct PaymentGate {
     public_base: String,
     recheck: u64,
     refund_delay: Option<Duration>,
-    memory: Mutex<HashMap<(SessionId, String), Remembered>>,
-    turns: Mutex<HashMap<(SessionId, String), Arc<tokio::sync::Mutex<()>>>>,
+    memory: Mutex<HashMap<TurnKey, Remembered>>,
+    turns: Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>,
     limiter: OrderLimiter,
 }
 
@@ -96,6 +96,9 @@ impl std::fmt::Debug for PaymentGate {
             .finish_non_exhaustive()
     }
 }
+
+/// (session, resource).
+type TurnKey = (SessionId, String);
 
 #[derive(Debug, Clone)]
 struct Remembered {
@@ -168,7 +171,11 @@ impl PaymentGate {
         if problems.is_empty() {
             Ok(info)
         } else {
-            Err(format!("merchant backend {}: {}", self.merchant.base_url(), problems.join("; ")))
+            Err(format!(
+                "merchant backend {}: {}",
+                self.merchant.base_url(),
+                problems.join("; ")
+            ))
         }
     }
 

@@ -83,37 +83,6 @@ pub fn error(status: StatusCode, message: &str, html: bool) -> Response<Body> {
     resp
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detects_html_clients() {
-        let rows = [
-            ("text/html,application/xhtml+xml,*/*;q=0.8", true),
-            ("application/json", false),
-            ("*/*", false),
-            ("text/html;q=0", false),
-            ("TEXT/HTML", true),
-            ("application/json, text/html;q=0.5", true),
-        ];
-        for (accept, want) in rows {
-            let mut h = HeaderMap::new();
-            h.insert(ACCEPT, HeaderValue::from_static(accept));
-            assert_eq!(wants_html(&h), want, "{accept}");
-        }
-        assert!(!wants_html(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            escape_html("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Pages of the payment flow
 // ---------------------------------------------------------------------------------------------
@@ -245,4 +214,35 @@ pub fn rate_limited(html: bool, retry_after_secs: u64) -> Response<Body> {
         &format!("Too many payment requests from your address. Please try again in {retry_after_secs} seconds."),
         html,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_html_clients() {
+        let rows = [
+            ("text/html,application/xhtml+xml,*/*;q=0.8", true),
+            ("application/json", false),
+            ("*/*", false),
+            ("text/html;q=0", false),
+            ("TEXT/HTML", true),
+            ("application/json, text/html;q=0.5", true),
+        ];
+        for (accept, want) in rows {
+            let mut h = HeaderMap::new();
+            h.insert(ACCEPT, HeaderValue::from_static(accept));
+            assert_eq!(wants_html(&h), want, "{accept}");
+        }
+        assert!(!wants_html(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            escape_html("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
 }

@@ -85,7 +85,7 @@ impl Policy {
                 scope: r.scope,
             })
             .collect();
-        routes.sort_by(|a, b| b.segments.len().cmp(&a.segments.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.segments.len()));
         Policy { routes }
     }
 

@@ -406,7 +406,7 @@ pub fn strip_gateway_cookies(headers: &mut HeaderMap) -> bool {
     let found = headers
         .get_all(COOKIE)
         .iter()
-        .any(|v| v.to_str().map_or(false, |s| s.contains(COOKIE_PREFIX)));
+        .any(|v| v.to_str().is_ok_and(|s| s.contains(COOKIE_PREFIX)));
     if !found {
         return false;
     }
@@ -500,7 +500,7 @@ mod tests {
             issued_at: 1000,
         };
         let v = set_session(&keys_a, &settings(), &s).unwrap();
-        let h = headers_from(&[v.clone()]);
+        let h = headers_from(std::slice::from_ref(&v));
         assert!(RequestCookies::parse(&h)
             .session(&keys_b, &settings(), 1000)
             .is_none());
