@@ -186,7 +186,7 @@ pub(super) async fn handle(
         && shared
             .instances
             .as_ref()
-            .is_none_or(|list| list.iter().any(|i| *i == instance));
+            .is_none_or(|list| list.contains(&instance));
     if !known {
         return Ok(error_response(&ApiError::new(
             404,
