@@ -164,8 +164,13 @@ pub(super) async fn handle(
             Some(Fault::Unreachable) => return Err(Dropped),
             Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
             Some(Fault::ServerError(code)) => {
+                let status = if (500..=599).contains(&code) {
+                    code
+                } else {
+                    500
+                };
                 let e = ApiError::new(
-                    code,
+                    status,
                     ec::GENERIC_DB_FETCH_FAILED,
                     "Injected server error (sandbox fault)",
                 );
