@@ -1006,7 +1006,23 @@ async fn long_polling_answers_when_the_order_is_paid() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     let r = h.get(&format!("private/orders/{id}?timeout_ms=soon")).await;
     assert_eq!(r.error(), (400, 26));
+    // Shutdown does not wait for a pending long poll to time out.
+    let (other, _) = h.create_for("https://shop.test/lp2").await;
+    let request = format!(
+        "GET /private/orders/{other}?timeout_ms=30000 HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH}\r\n\r\n"
+    );
+    let addr = h.sb.addr();
+    let pending = tokio::spawn(async move { raw_exchange(addr, &request).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
     h.sb.shutdown().await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let answer = pending.await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 }
 
 /// Sends a raw request and reads until the server closes; answers what it sent back.

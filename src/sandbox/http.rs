@@ -386,7 +386,8 @@ where
         tokio::pin!(notified);
         notified.as_mut().enable();
         let (resp, done) = attempt();
-        if done || tokio::time::Instant::now() >= deadline {
+        let stopping = shared.stopping.load(std::sync::atomic::Ordering::Relaxed);
+        if done || stopping || tokio::time::Instant::now() >= deadline {
             return resp;
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;

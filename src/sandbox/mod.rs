@@ -21,7 +21,7 @@ pub mod state;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -146,6 +146,8 @@ struct Shared {
     changed: Notify,
     /// Seconds added to the system clock (tests use it to pass deadlines).
     clock_offset: AtomicU64,
+    /// Set on shutdown: long polls answer at once instead of holding the drain.
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -228,6 +230,7 @@ impl Sandbox {
             calls: Mutex::new(CallCounts::default()),
             changed: Notify::new(),
             clock_offset: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(serve(listener, shared.clone(), stop_rx));
@@ -283,6 +286,7 @@ impl Sandbox {
 
     /// Stops accepting, lets in-flight requests finish (up to a few seconds), and returns.
     pub async fn shutdown(self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
         self.shared.changed.notify_waiters();
         let _ = self.task.await;
