@@ -442,9 +442,18 @@ impl RunningGateway {
 /// # Errors
 /// The TLS files or the origin client cannot be set up.
 pub async fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<RunningGateway> {
+    let app = App::new(config)?;
+    spawn_app(Arc::new(app), listener).await
+}
+
+/// Like [`spawn`], for an [`App`] built (and perhaps adjusted) by the caller.
+///
+/// # Errors
+/// The TLS files cannot be read, or the listener has no address.
+pub async fn spawn_app(app: Arc<App>, listener: TcpListener) -> anyhow::Result<RunningGateway> {
     let addr = listener.local_addr().context("listener address")?;
-    let opts = ServerOptions::from_config(&config.server)?;
-    let gateway = Arc::new(Gateway::new(Arc::new(App::new(config)?)));
+    let opts = ServerOptions::from_config(&app.config.server)?;
+    let gateway = Arc::new(Gateway::new(app));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server::run(listener, gateway, opts, async move {
         let _ = stopped.await;
