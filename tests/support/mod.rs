@@ -110,6 +110,8 @@ pub enum Reply {
     },
     /// `101 Switching Protocols` (`Upgrade: websocket`), then echoes raw bytes.
     UpgradeEcho,
+    /// Reads the whole body without keeping it; 200 with the byte count as the body.
+    Count,
 }
 
 /// A recording HTTP/1.1 + HTTP/2 origin on 127.0.0.1.
@@ -335,6 +337,18 @@ async fn origin_answer(
             resp.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(promised));
             resp
+        }
+        Reply::Count => {
+            let mut body = req.into_body();
+            let mut total = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => total += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => return plain(400, "body error"),
+                }
+            }
+            push(record);
+            Response::new(boxed(Full::new(Bytes::from(total.to_string()))))
         }
         Reply::UpgradeEcho => {
             push(record);
