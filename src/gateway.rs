@@ -98,7 +98,8 @@ impl RequestContext<'_> {
     /// The facts [`OriginClient::forward`] needs.
     pub fn forward_context(&self) -> ForwardContext<'_> {
         ForwardContext {
-            peer: self.conn.peer.ip(),
+            // `::ffff:1.2.3.4` (a dual-stack listener) is logged and forwarded as `1.2.3.4`.
+            peer: self.conn.peer.ip().to_canonical(),
             peer_trusted: self.peer_trusted,
             tls: self.conn.tls,
             request_id: &self.request_id,
@@ -214,6 +215,7 @@ impl Gateway {
             html: pages::wants_html(req.headers()),
         };
         let method = req.method().clone();
+        let version = req.version();
         let span = tracing::info_span!("request", id = ?ctx.request_id);
         let mut outcome = Outcome::default();
         let result = self
@@ -249,7 +251,14 @@ impl Gateway {
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }
-                pages::error(status, err.public_message(), ctx.html)
+                let mut resp = pages::error(status, err.public_message(), ctx.html);
+                if matches!(err, GatewayError::BadRequest(_)) && version < Version::HTTP_2 {
+                    // After a refused CONNECT or a malformed head, what the client sends next
+                    // on this connection cannot be trusted to be a new request: close it.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
             }
         }
     }
@@ -490,4 +499,81 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     server::run(listener, gateway, opts, server::shutdown_signal()).await?;
     info!("taler-paywall stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::BodyTooLarge;
+
+    /// Every error maps to the status the interface promises; a new variant must be added
+    /// here (and to the exhaustive `match`) to compile.
+    #[test]
+    fn each_error_maps_to_its_status() {
+        let rows: Vec<(GatewayError, u16)> = vec![
+            (GatewayError::BadRequest("x"), 400),
+            (GatewayError::BadPath(PathError::BadEscape), 400),
+            (ProxyError::Unreachable("refused".into()).into(), 502),
+            (ProxyError::Origin("reset".into()).into(), 502),
+            (ProxyError::ConnectTimeout("slow".into()).into(), 504),
+            (
+                ProxyError::Timeout(std::time::Duration::from_secs(1)).into(),
+                504,
+            ),
+            (
+                ProxyError::BodyTooLarge(BodyTooLarge { limit: 1 }).into(),
+                413,
+            ),
+            (GatewayError::Internal("bug".into()), 500),
+        ];
+        for (err, status) in rows {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert!(!err.public_message().contains("refused"));
+        }
+    }
+
+    #[test]
+    fn request_ids_are_fresh_unless_a_trusted_proxy_sent_a_plain_one() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("proxy-id-1"));
+        assert_eq!(assign_request_id(&h, true), "proxy-id-1");
+        let fresh = assign_request_id(&h, false);
+        assert_ne!(fresh, "proxy-id-1");
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(assign_request_id(&h, false), fresh);
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("bad id with spaces"),
+        );
+        assert_ne!(assign_request_id(&h, true), "bad id with spaces");
+    }
+
+    #[test]
+    fn visible_ambiguities_are_refused() {
+        let req = |f: fn(http::request::Builder) -> http::request::Builder| {
+            f(Request::builder().uri("/x").header("host", "a"))
+                .body(())
+                .unwrap()
+        };
+        assert!(reject_unacceptable(&req(|b| b)).is_ok());
+        assert!(reject_unacceptable(&req(|b| b.method("CONNECT"))).is_err());
+        assert!(reject_unacceptable(&req(|b| b
+            .header("content-length", "1")
+            .header("transfer-encoding", "chunked")))
+        .is_err());
+        assert!(reject_unacceptable(&req(|b| b
+            .header("content-length", "1")
+            .header("content-length", "1")))
+        .is_err());
+        assert!(reject_unacceptable(&req(|b| b.header("content-length", "-1"))).is_err());
+        assert!(reject_unacceptable(&req(|b| b.header("host", "b"))).is_err());
+        let no_host = Request::builder().uri("/x").body(()).unwrap();
+        assert!(reject_unacceptable(&no_host).is_err());
+        let h2 = Request::builder()
+            .uri("https://a/x")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert!(reject_unacceptable(&h2).is_ok());
+    }
 }

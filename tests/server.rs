@@ -353,3 +353,60 @@ async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    bounded(async {
+        let origin = TestOrigin::echo().await;
+        let gw = start_gateway(
+            &ConfigBuilder::new(&origin.url())
+                .server("max_header_bytes = 16384")
+                .build(),
+        )
+        .await;
+        let big = "a".repeat(32 * 1024);
+        let r = raw_get(gw.addr, "/free/x", &format!("X-Big: {big}\r\n")).await;
+        assert_eq!(raw_status(&r), Some(431), "{r}");
+        let r = raw_get(gw.addr, "/free/x", "X-Small: 1\r\n").await;
+        assert_eq!(raw_status(&r), Some(200), "{r}");
+        assert_eq!(origin.count(), 1);
+        gw.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+/// At `max_connections`, a further client waits (in the kernel backlog) until a slot frees.
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    bounded(async {
+        let origin = TestOrigin::echo().await;
+        let gw = start_gateway(
+            &ConfigBuilder::new(&origin.url())
+                .server("max_connections = 1")
+                .build(),
+        )
+        .await;
+        let mut first = TcpStream::connect(gw.addr).await.unwrap();
+        first
+            .write_all(b"GET /free/1 HTTP/1.1\r\nHost: g\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut first, &mut buf)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+        let addr = gw.addr;
+        let second = tokio::spawn(async move { raw_get(addr, "/free/2", "").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "served beyond max_connections");
+        assert_eq!(origin.count(), 1);
+        drop(first);
+        let r = second.await.unwrap();
+        assert_eq!(raw_status(&r), Some(200), "{r}");
+        assert_eq!(origin.count(), 2);
+        gw.shutdown().await.unwrap();
+    })
+    .await;
+}
