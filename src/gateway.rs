@@ -115,7 +115,7 @@ pub enum GatewayError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     /// The path cannot be normalised without ambiguity (400).
-    #[error("bad path: {0}")]
+    #[error("bad path")]
     BadPath(#[from] PathError),
     /// Forwarding to the origin failed.
     #[error(transparent)]
@@ -407,7 +407,8 @@ pub fn normalize_path<B>(req: &Request<B>) -> Result<NormalizedPath, GatewayErro
     Ok(path::normalize(req.uri().path())?)
 }
 
-/// Displays an error with its sources, `a: b: c`, for the log.
+/// Displays an error with its sources, `a: b: c`, for the log. (The error types keep their
+/// own `Display` free of their source's text, so nothing is printed twice.)
 struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {

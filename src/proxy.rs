@@ -59,7 +59,7 @@ pub struct ForwardContext<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The origin refused the connection or could not be reached (502).
-    #[error("origin unreachable: {0}")]
+    #[error("origin unreachable")]
     Unreachable(#[source] BoxError),
     /// Connecting to the origin took longer than `origin.connect_timeout` (504).
     #[error("origin connect timed out")]
@@ -69,13 +69,13 @@ pub enum ProxyError {
     Timeout(Duration),
     /// The origin broke the exchange: connection reset, malformed response, or an answer
     /// that does not fit the request, such as an unrequested `101` (502).
-    #[error("origin failed: {0}")]
+    #[error("origin failed")]
     Origin(#[source] BoxError),
     /// The request body is larger than `limits.max_request_body` (413).
     #[error(transparent)]
     BodyTooLarge(#[from] BodyTooLarge),
     /// The upstream request could not be built; a bug, not the client's fault (500).
-    #[error("cannot build the upstream request: {0}")]
+    #[error("cannot build the upstream request")]
     Build(#[from] http::Error),
 }
 
@@ -83,7 +83,7 @@ pub enum ProxyError {
 #[derive(Debug, thiserror::Error)]
 pub enum OriginSetupError {
     /// `origin.ca_file` could not be read.
-    #[error("origin.ca_file {path}: {source}")]
+    #[error("origin.ca_file {}: cannot read", path.display())]
     CaFile {
         /// The file.
         path: std::path::PathBuf,
@@ -94,7 +94,7 @@ pub enum OriginSetupError {
     #[error("origin.ca_file {0}: no usable PEM certificate")]
     NoCertificates(std::path::PathBuf),
     /// rustls refused the configuration.
-    #[error("origin TLS: {0}")]
+    #[error("origin TLS configuration rejected")]
     Tls(#[from] rustls::Error),
     /// The origin URL has no host (cannot happen after config validation).
     #[error("origin.url has no usable host")]
