@@ -1,9 +1,580 @@
-//! TODO: gateway (being written).
+//! One request, from arrival to response, as a sequence of named steps:
+//!
+//! 1. [`assign_request_id`]: a fresh id, or a trusted proxy's;
+//! 2. [`reject_unacceptable`]: what hyper let through but the gateway refuses (`CONNECT`,
+//!    ambiguous framing, a missing or malformed `Host`) → 400;
+//! 3. [`normalize_path`]: the one canonical path ([`crate::path`]) → 400 if there is none;
+//! 4. classify: [`Policy::classify`] on that path;
+//! 5. unprotected → [`OriginClient::forward`] with the same path;
+//!    protected → [`Gateway::handle_protected`], which never contacts the origin unpaid;
+//! 6. the outer [`Gateway::handle`] turns a [`GatewayError`] into a page (one exhaustive
+//!    `match`) and writes the one log line of the request.
+//!
+//! [`spawn`] and [`serve`] put a [`Gateway`] behind [`crate::server::run`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{info, warn, Instrument as _};
+
+use crate::body::{Body, BoxError};
 use crate::config::Config;
-/// Runs the gateway.
+use crate::pages;
+use crate::path::{self, NormalizedPath, PathError};
+use crate::policy::{Policy, ProtectedRoute};
+use crate::proxy::{ForwardContext, OriginClient, OriginSetupError, ProxyError};
+use crate::server::{self, ConnInfo, ServerOptions};
+
+/// Everything built once at startup and shared by all requests. It never changes while
+/// requests run; a reload (issue 6) will build a new `App` and swap the pointer in
+/// [`Gateway`].
+#[derive(Debug)]
+pub struct App {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The protected prefixes.
+    pub policy: Policy,
+    /// The pooled client for the origin.
+    pub origin: OriginClient,
+    /// Cookies whose names start with one of these are the gateway's own and are never sent
+    /// to the origin. Empty until the payment flow names its cookies.
+    pub gateway_cookie_prefixes: Vec<String>,
+}
+
+impl App {
+    /// Builds the shared state from a validated configuration.
+    ///
+    /// # Errors
+    /// [`OriginSetupError`] if the origin client cannot be set up (e.g. an unusable
+    /// `origin.ca_file`).
+    pub fn new(config: Config) -> Result<Self, OriginSetupError> {
+        let policy = Policy::new(config.protect_rules());
+        let origin = OriginClient::new(&config)?;
+        Ok(App {
+            config: Arc::new(config),
+            policy,
+            origin,
+            gateway_cookie_prefixes: Vec::new(),
+        })
+    }
+
+    /// Whether `ip` is in `server.trusted_proxies`.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+}
+
+/// What every step of one request may need, borrowed from the request's snapshot of [`App`].
+#[derive(Debug, Clone)]
+pub struct RequestContext<'a> {
+    /// The shared state this request runs against (one snapshot for the whole request).
+    pub app: &'a App,
+    /// The connection the request came on.
+    pub conn: ConnInfo,
+    /// Whether the TCP peer is a trusted proxy.
+    pub peer_trusted: bool,
+    /// The request id (also sent to the origin as `X-Request-Id`).
+    pub request_id: HeaderValue,
+    /// Whether the client prefers HTML pages to JSON.
+    pub html: bool,
+}
+
+impl RequestContext<'_> {
+    /// The facts [`OriginClient::forward`] needs.
+    pub fn forward_context(&self) -> ForwardContext<'_> {
+        ForwardContext {
+            // `::ffff:1.2.3.4` (a dual-stack listener) is logged and forwarded as `1.2.3.4`.
+            peer: self.conn.peer.ip().to_canonical(),
+            peer_trusted: self.peer_trusted,
+            tls: self.conn.tls,
+            request_id: &self.request_id,
+            strip_cookie_prefixes: &self.app.gateway_cookie_prefixes,
+        }
+    }
+}
+
+/// Why a request failed. Each variant maps to one status in [`GatewayError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request is malformed or uses something the gateway refuses (400).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The path cannot be normalised without ambiguity (400).
+    #[error("bad path")]
+    BadPath(#[from] PathError),
+    /// Forwarding to the origin failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// A bug or an impossible state (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest(_) | GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Proxy(p) => match p {
+                ProxyError::Unreachable(_) | ProxyError::Origin(_) => StatusCode::BAD_GATEWAY,
+                ProxyError::ConnectTimeout(_) | ProxyError::Timeout(_) => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+                ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                ProxyError::Build(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// What the client is told: no addresses, no causes, nothing internal.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(why) => why,
+            GatewayError::BadPath(e) => match e {
+                PathError::NotAbsolute => "The request path must start with '/'.",
+                PathError::BadEscape => "The request path has an invalid percent-encoding.",
+                PathError::EncodedSeparator => {
+                    "The request path contains an encoded '/' or '\\', which is not accepted."
+                }
+                PathError::ControlByte => "The request path contains a forbidden character.",
+                PathError::Backslash => "The request path contains a backslash.",
+                PathError::InvalidUtf8 => "The request path is not valid UTF-8.",
+                PathError::AboveRoot => "The request path climbs above the root.",
+            },
+            GatewayError::Proxy(p) => match p {
+                ProxyError::Unreachable(_) | ProxyError::Origin(_) => {
+                    "The site behind this gateway could not be reached. Please try again later."
+                }
+                ProxyError::ConnectTimeout(_) | ProxyError::Timeout(_) => {
+                    "The site behind this gateway did not answer in time. Please try again later."
+                }
+                ProxyError::BodyTooLarge(_) => "The request body is too large.",
+                ProxyError::Build(_) => "Something went wrong inside the gateway.",
+            },
+            GatewayError::Internal(_) => "Something went wrong inside the gateway.",
+        }
+    }
+}
+
+/// The request pipeline. Implements [`server::Handler`].
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    app: Arc<App>,
+}
+
+/// What the log line of a request needs from the inner steps.
+#[derive(Default)]
+struct Outcome {
+    path: Option<NormalizedPath>,
+    protected: bool,
+}
+
+impl Gateway {
+    /// A gateway running against `app`.
+    pub fn new(app: Arc<App>) -> Self {
+        Gateway { app }
+    }
+
+    /// The shared state.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Answers one request. Never fails: errors become pages chosen by `Accept`. Generic over
+    /// the body so that tests can call it without a socket.
+    pub async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        // One snapshot of the shared state for the whole request.
+        let app: &App = &self.app;
+        let peer_trusted = app.trusts(conn.peer.ip());
+        let ctx = RequestContext {
+            app,
+            conn,
+            peer_trusted,
+            request_id: assign_request_id(req.headers(), peer_trusted),
+            html: pages::wants_html(req.headers()),
+        };
+        let method = req.method().clone();
+        let version = req.version();
+        let span = tracing::info_span!("request", id = ?ctx.request_id);
+        let mut outcome = Outcome::default();
+        let result = self
+            .handle_inner(req, &ctx, &mut outcome)
+            .instrument(span)
+            .await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let path = outcome.path.as_ref().map_or("-", NormalizedPath::as_str);
+        match result {
+            Ok(resp) => {
+                info!(
+                    id = ?ctx.request_id,
+                    peer = %conn.peer,
+                    %method,
+                    path,
+                    protected = outcome.protected,
+                    status = resp.status().as_u16(),
+                    bytes = http_body::Body::size_hint(resp.body()).exact(),
+                    ms = elapsed_ms,
+                    "request"
+                );
+                resp
+            }
+            Err(err) => {
+                let status = err.status();
+                let cause = ErrorChain(&err);
+                if status.is_server_error() {
+                    warn!(id = ?ctx.request_id, peer = %conn.peer, %method, path,
+                        protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
+                        error = %cause, "request failed");
+                } else {
+                    info!(id = ?ctx.request_id, peer = %conn.peer, %method, path,
+                        protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
+                        error = %cause, "request refused");
+                }
+                let mut resp = pages::error(status, err.public_message(), ctx.html);
+                if matches!(err, GatewayError::BadRequest(_)) && version < Version::HTTP_2 {
+                    // After a refused CONNECT or a malformed head, what the client sends next
+                    // on this connection cannot be trusted to be a new request: close it.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
+            }
+        }
+    }
+
+    async fn handle_inner<B>(
+        &self,
+        req: Request<B>,
+        ctx: &RequestContext<'_>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        reject_unacceptable(&req)?;
+        let path = normalize_path(&req)?;
+        let route = ctx.app.policy.classify(&path);
+        outcome.protected = route.is_some();
+        let result = match route {
+            None => ctx
+                .app
+                .origin
+                .forward(req, &path, &ctx.forward_context())
+                .await
+                .map_err(GatewayError::from),
+            Some(route) => self.handle_protected(req, route, &path, ctx).await,
+        };
+        outcome.path = Some(path);
+        result
+    }
+
+    /// A request under a `[[protect]]` prefix. It must never reach the origin unless paid.
+    ///
+    /// For now the payment flow is not wired in: every protected request gets
+    /// `503 Service Unavailable` and the origin is not contacted.
+    ///
+    /// # Errors
+    /// A [`GatewayError`] the outer handler turns into a page.
+    pub async fn handle_protected<B>(
+        &self,
+        req: Request<B>,
+        route: &ProtectedRoute,
+        path: &NormalizedPath,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Response<Body>, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let _ = (req, route, path);
+        Ok(pages::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Payment is not yet available for this page.",
+            ctx.html,
+        ))
+    }
+}
+
+impl server::Handler for Gateway {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send {
+        self.handle(req, conn)
+    }
+}
+
+/// Step 1: the request id. A trusted proxy's `X-Request-Id` is kept when it is short and
+/// plain; everyone else gets a fresh random one (128 bits, hex).
+pub fn assign_request_id(headers: &http::HeaderMap, peer_trusted: bool) -> HeaderValue {
+    if peer_trusted {
+        if let Some(v) = headers.get("x-request-id") {
+            let b = v.as_bytes();
+            let plain = !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'));
+            if plain {
+                return v.clone();
+            }
+        }
+    }
+    let id: u128 = rand::random();
+    let mut hex = [0u8; 32];
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, d) in hex.iter_mut().enumerate() {
+        let shift = 124 - 4 * i as u32;
+        *d = DIGITS[((id >> shift) & 0xf) as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Step 2: refuses what hyper accepts but the gateway must not pass on.
+///
+/// hyper already rejects, for HTTP/1, conflicting `Content-Length` values and a
+/// `Transfer-Encoding` other than `chunked`; with both `Transfer-Encoding: chunked` and
+/// `Content-Length` it drops `Content-Length`, reads the body as chunked and closes the
+/// connection afterwards, so that case is invisible here and harmless (the origin request is
+/// framed anew). What remains visible is refused.
 ///
 /// # Errors
-/// Startup failures.
-pub async fn serve(_config: Config, _path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    anyhow::bail!("not yet implemented")
+/// [`GatewayError::BadRequest`].
+pub fn reject_unacceptable<B>(req: &Request<B>) -> Result<(), GatewayError> {
+    if req.method() == Method::CONNECT {
+        return Err(GatewayError::BadRequest("CONNECT is not supported."));
+    }
+    let headers = req.headers();
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 0 && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(GatewayError::BadRequest(
+            "Content-Length and Transfer-Encoding together are ambiguous.",
+        ));
+    }
+    if lengths > 1 || (lengths == 1 && crate::proxy::content_length(headers).is_none()) {
+        return Err(GatewayError::BadRequest("Invalid Content-Length."));
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(GatewayError::BadRequest("More than one Host header.")),
+        (Some(host), None) => {
+            let ok = !host.as_bytes().contains(&b'@')
+                && http::uri::Authority::try_from(host.as_bytes()).is_ok();
+            if !ok {
+                return Err(GatewayError::BadRequest("Invalid Host header."));
+            }
+        }
+        (None, _) => {
+            // HTTP/1.1 requires Host (RFC 9112 §3.2); HTTP/2 may use :authority instead and
+            // HTTP/1.0 clients may omit it.
+            if req.version() == Version::HTTP_11 {
+                return Err(GatewayError::BadRequest("Missing Host header."));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Step 3: the canonical path, used for the decision and as the forwarded path. An
+/// absolute-form target (`GET http://host/path`) contributes only its path.
+///
+/// # Errors
+/// [`GatewayError::BadPath`].
+pub fn normalize_path<B>(req: &Request<B>) -> Result<NormalizedPath, GatewayError> {
+    Ok(path::normalize(req.uri().path())?)
+}
+
+/// Displays an error with its sources, `a: b: c`, for the log. (The error types keep their
+/// own `Display` free of their source's text, so nothing is printed twice.)
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// A gateway serving in the background, for tests and the demo.
+#[derive(Debug)]
+pub struct RunningGateway {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningGateway {
+    /// Stops accepting, lets in-flight requests finish (up to `server.shutdown_grace`) and
+    /// waits for the server to end. Dropping a `RunningGateway` also starts a shutdown, but
+    /// does not wait for it.
+    ///
+    /// # Errors
+    /// The server task failed or panicked.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("gateway task")?
+    }
+}
+
+/// Starts a gateway on `listener` in the background (`server.listen` is ignored).
+///
+/// # Errors
+/// The TLS files or the origin client cannot be set up.
+pub async fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<RunningGateway> {
+    let app = App::new(config)?;
+    spawn_app(Arc::new(app), listener).await
+}
+
+/// Like [`spawn`], for an [`App`] built (and perhaps adjusted) by the caller.
+///
+/// # Errors
+/// The TLS files cannot be read, or the listener has no address.
+pub async fn spawn_app(app: Arc<App>, listener: TcpListener) -> anyhow::Result<RunningGateway> {
+    let addr = listener.local_addr().context("listener address")?;
+    let opts = ServerOptions::from_config(&app.config.server)?;
+    let gateway = Arc::new(Gateway::new(app));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(listener, gateway, opts, async move {
+        let _ = stopped.await;
+    }));
+    Ok(RunningGateway {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// `taler-paywall serve`: binds `server.listen` and serves until SIGTERM or SIGINT, then
+/// drains. `config_path` is where the configuration came from (for reloading it later).
+///
+/// # Errors
+/// A one-line reason if the gateway cannot start: the port is in use, the TLS files or the
+/// origin client cannot be set up.
+pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let _ = config_path;
+    let listen = config.server.listen;
+    let opts = ServerOptions::from_config(&config.server)?;
+    let app = App::new(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    info!(
+        listen = %listen,
+        tls = opts.tls.is_some(),
+        origin = %app.config.origin.url,
+        protected = app.policy.routes().len(),
+        "taler-paywall listening"
+    );
+    let gateway = Arc::new(Gateway::new(Arc::new(app)));
+    server::run(listener, gateway, opts, server::shutdown_signal()).await?;
+    info!("taler-paywall stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::BodyTooLarge;
+
+    /// Every error maps to the status the interface promises; a new variant must be added
+    /// here (and to the exhaustive `match`) to compile.
+    #[test]
+    fn each_error_maps_to_its_status() {
+        let rows: Vec<(GatewayError, u16)> = vec![
+            (GatewayError::BadRequest("x"), 400),
+            (GatewayError::BadPath(PathError::BadEscape), 400),
+            (ProxyError::Unreachable("refused".into()).into(), 502),
+            (ProxyError::Origin("reset".into()).into(), 502),
+            (ProxyError::ConnectTimeout("slow".into()).into(), 504),
+            (
+                ProxyError::Timeout(std::time::Duration::from_secs(1)).into(),
+                504,
+            ),
+            (
+                ProxyError::BodyTooLarge(BodyTooLarge { limit: 1 }).into(),
+                413,
+            ),
+            (GatewayError::Internal("bug".into()), 500),
+        ];
+        for (err, status) in rows {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert!(!err.public_message().contains("refused"));
+        }
+    }
+
+    #[test]
+    fn request_ids_are_fresh_unless_a_trusted_proxy_sent_a_plain_one() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("proxy-id-1"));
+        assert_eq!(assign_request_id(&h, true), "proxy-id-1");
+        let fresh = assign_request_id(&h, false);
+        assert_ne!(fresh, "proxy-id-1");
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(assign_request_id(&h, false), fresh);
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("bad id with spaces"),
+        );
+        assert_ne!(assign_request_id(&h, true), "bad id with spaces");
+    }
+
+    #[test]
+    fn visible_ambiguities_are_refused() {
+        let req = |f: fn(http::request::Builder) -> http::request::Builder| {
+            f(Request::builder().uri("/x").header("host", "a"))
+                .body(())
+                .unwrap()
+        };
+        assert!(reject_unacceptable(&req(|b| b)).is_ok());
+        assert!(reject_unacceptable(&req(|b| b.method("CONNECT"))).is_err());
+        assert!(reject_unacceptable(&req(|b| b
+            .header("content-length", "1")
+            .header("transfer-encoding", "chunked")))
+        .is_err());
+        assert!(reject_unacceptable(&req(|b| b
+            .header("content-length", "1")
+            .header("content-length", "1")))
+        .is_err());
+        assert!(reject_unacceptable(&req(|b| b.header("content-length", "-1"))).is_err());
+        assert!(reject_unacceptable(&req(|b| b.header("host", "b"))).is_err());
+        let no_host = Request::builder().uri("/x").body(()).unwrap();
+        assert!(reject_unacceptable(&no_host).is_err());
+        let h2 = Request::builder()
+            .uri("https://a/x")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert!(reject_unacceptable(&h2).is_ok());
+    }
 }
