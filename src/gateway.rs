@@ -29,11 +29,13 @@ use tracing::{info, warn, Instrument as _};
 
 use crate::body::{Body, BoxError};
 use crate::config::Config;
+use crate::flow::{Outcome as PaymentOutcome, PaymentGate};
 use crate::pages;
 use crate::path::{self, NormalizedPath, PathError};
 use crate::policy::{Policy, ProtectedRoute};
-use crate::proxy::{ForwardContext, OriginClient, OriginSetupError, ProxyError};
+use crate::proxy::{ForwardContext, OriginClient, ProxyError};
 use crate::server::{self, ConnInfo, ServerOptions};
+use crate::session;
 
 /// Everything built once at startup and shared by all requests. It never changes while
 /// requests run; a reload (issue 6) will build a new `App` and swap the pointer in
@@ -47,25 +49,55 @@ pub struct App {
     /// The pooled client for the origin.
     pub origin: OriginClient,
     /// Cookies whose names start with one of these are the gateway's own and are never sent
-    /// to the origin. Empty until the payment flow names its cookies.
+    /// to the origin.
     pub gateway_cookie_prefixes: Vec<String>,
+    /// The payment side: merchant client, cookie keys, per-process grant table and limits.
+    pub payment: PaymentGate,
 }
 
 impl App {
     /// Builds the shared state from a validated configuration.
     ///
     /// # Errors
-    /// [`OriginSetupError`] if the origin client cannot be set up (e.g. an unusable
-    /// `origin.ca_file`).
-    pub fn new(config: Config) -> Result<Self, OriginSetupError> {
+    /// The origin or merchant client cannot be set up (e.g. an unusable `ca_file`).
+    pub fn new(config: Config) -> anyhow::Result<Self> {
         let policy = Policy::new(config.protect_rules());
         let origin = OriginClient::new(&config)?;
+        let payment = PaymentGate::new(&config)?;
         Ok(App {
             config: Arc::new(config),
             policy,
             origin,
-            gateway_cookie_prefixes: Vec::new(),
+            gateway_cookie_prefixes: vec![
+                session::COOKIE_PREFIX.to_owned(),
+                format!("__Host-{}", session::COOKIE_PREFIX),
+            ],
+            payment,
         })
+    }
+
+    /// The address order creation is limited by: the TCP peer, or, when the peer is a
+    /// trusted proxy, the right-most `X-Forwarded-For` entry that is not itself trusted.
+    pub fn client_ip(&self, headers: &http::HeaderMap, peer: IpAddr) -> IpAddr {
+        let peer = peer.to_canonical();
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut hops: Vec<IpAddr> = Vec::new();
+        for v in headers.get_all("x-forwarded-for") {
+            let Ok(s) = v.to_str() else { return peer };
+            for item in s.split(',') {
+                match item.trim().parse::<IpAddr>() {
+                    Ok(ip) => hops.push(ip.to_canonical()),
+                    // An unparsable hop: stop believing the chain at this point.
+                    Err(_) => hops.clear(),
+                }
+            }
+        }
+        hops.into_iter()
+            .rev()
+            .find(|ip| !self.trusts(*ip))
+            .unwrap_or(peer)
     }
 
     /// Whether `ip` is in `server.trusted_proxies`.
@@ -290,13 +322,12 @@ impl Gateway {
         result
     }
 
-    /// A request under a `[[protect]]` prefix. It must never reach the origin unless paid.
-    ///
-    /// For now the payment flow is not wired in: every protected request gets
-    /// `503 Service Unavailable` and the origin is not contacted.
+    /// A request under a `[[protect]]` prefix. It reaches the origin only when the payment
+    /// flow answers [`PaymentOutcome::Serve`], i.e. the merchant confirmed (now, or less
+    /// than `recheck_interval` ago) that this session paid for this resource.
     ///
     /// # Errors
-    /// A [`GatewayError`] the outer handler turns into a page.
+    /// A [`GatewayError`] from forwarding a paid request.
     pub async fn handle_protected<B>(
         &self,
         req: Request<B>,
@@ -308,12 +339,64 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let _ = (req, route, path);
-        Ok(pages::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Payment is not yet available for this page.",
-            ctx.html,
-        ))
+        let app = ctx.app;
+        let client = app.client_ip(req.headers(), ctx.conn.peer.ip());
+        let outcome = app
+            .payment
+            .decide(req.headers(), req.uri().query(), route, path, client)
+            .await;
+        match outcome {
+            PaymentOutcome::Serve { set_cookies, .. } => {
+                let mut resp = app
+                    .origin
+                    .forward(req, path, &ctx.forward_context())
+                    .await?;
+                make_private(resp.headers_mut());
+                for c in set_cookies {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                Ok(resp)
+            }
+            PaymentOutcome::Respond { response, .. } => Ok(response),
+        }
+    }
+}
+
+/// Origin responses on protected paths must never be stored by shared caches: `public` and
+/// `s-maxage` are dropped and `private` added (unless the origin already said `no-store`).
+fn make_private(headers: &mut http::HeaderMap) {
+    let mut directives: Vec<String> = Vec::new();
+    for v in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(s) = v.to_str() else { continue };
+        for d in s.split(',') {
+            let d = d.trim();
+            let name = d
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if d.is_empty()
+                || matches!(
+                    name.as_str(),
+                    "public" | "s-maxage" | "proxy-revalidate" | "private"
+                )
+            {
+                continue;
+            }
+            directives.push(d.to_owned());
+        }
+    }
+    if !directives
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case("no-store"))
+    {
+        directives.insert(0, "private".to_owned());
+    }
+    if let Ok(v) = HeaderValue::from_str(&directives.join(", ")) {
+        headers.insert(header::CACHE_CONTROL, v);
+    } else {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
     }
 }
 

@@ -228,7 +228,7 @@ impl RequestCookies {
         let mut pairs = Vec::new();
         for v in headers.get_all(COOKIE) {
             let Ok(s) = v.to_str() else { continue };
-            for c in Cookie::split_parse(s).flatten() {
+            for c in Cookie::split_parse_encoded(s).flatten() {
                 if is_gateway_cookie(c.name()) && pairs.len() < 64 {
                     pairs.push((c.name().to_owned(), c.value().to_owned()));
                 }
@@ -400,40 +400,6 @@ pub fn set_return_to(
     }
 }
 
-/// Removes the gateway's cookies from the `Cookie` header(s), keeping the site's. Returns
-/// whether anything was removed. The header is rebuilt only in that case.
-pub fn strip_gateway_cookies(headers: &mut HeaderMap) -> bool {
-    let found = headers
-        .get_all(COOKIE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.contains(COOKIE_PREFIX)));
-    if !found {
-        return false;
-    }
-    let mut kept: Vec<String> = Vec::new();
-    for v in headers.get_all(COOKIE) {
-        // A non-UTF-8 Cookie header cannot be parsed safely; it is dropped whole.
-        let Ok(s) = v.to_str() else { continue };
-        for piece in s.split(';') {
-            let piece = piece.trim();
-            if piece.is_empty() {
-                continue;
-            }
-            let name = piece.split('=').next().unwrap_or("").trim();
-            if !is_gateway_cookie(name) {
-                kept.push(piece.to_owned());
-            }
-        }
-    }
-    headers.remove(COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(COOKIE, v);
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,8 +429,8 @@ mod tests {
         let pairs: Vec<String> = set_cookies
             .iter()
             .map(|v| {
-                let c = Cookie::parse_encoded(v.to_str().unwrap().to_owned()).unwrap();
-                format!("{}={}", c.name(), c.value())
+                // Like a browser: the pair before the first `;`, exactly as sent.
+                v.to_str().unwrap().split(';').next().unwrap().to_owned()
             })
             .collect();
         let mut h = HeaderMap::new();
@@ -631,29 +597,5 @@ mod tests {
             cookie_path(&based, "/premium/a", "/premium"),
             "/shop/premium/a"
         );
-    }
-
-    #[test]
-    fn strips_only_gateway_cookies() {
-        let mut h = HeaderMap::new();
-        h.append(
-            COOKIE,
-            HeaderValue::from_static("site=1; taler_paywall_session=x; b=2"),
-        );
-        h.append(COOKIE, HeaderValue::from_static("taler_paywall_o_abc=y"));
-        assert!(strip_gateway_cookies(&mut h));
-        assert_eq!(h.get_all(COOKIE).iter().count(), 1);
-        assert_eq!(h.get(COOKIE).unwrap(), "site=1; b=2");
-        let mut only = HeaderMap::new();
-        only.insert(
-            COOKIE,
-            HeaderValue::from_static("__Host-taler_paywall_session=x"),
-        );
-        assert!(strip_gateway_cookies(&mut only));
-        assert!(only.get(COOKIE).is_none());
-        let mut none = HeaderMap::new();
-        none.insert(COOKIE, HeaderValue::from_static("a=1"));
-        assert!(!strip_gateway_cookies(&mut none));
-        assert_eq!(none.get(COOKIE).unwrap(), "a=1");
     }
 }
