@@ -909,3 +909,161 @@ async fn named_instance_and_compatibility_check() {
     })
     .await;
 }
+
+/// Row 2: unprotected paths are proxied untouched, with no merchant call and no cookie.
+#[tokio::test]
+async fn unprotected_paths_never_call_the_merchant() {
+    bounded(async {
+        let shop = Shop::start().await;
+        for html in [true, false] {
+            let mut c = Browser {
+                html,
+                ..Default::default()
+            };
+            for path in [
+                "/",
+                "/free/a.html",
+                "/article/x",
+                "/premiumx/y",
+                "/articlesx",
+            ] {
+                let r = c.get(&shop.url(path)).await;
+                assert_eq!(r.status, StatusCode::OK, "{path}");
+                assert!(r.headers.get("set-cookie").is_none(), "{path} set a cookie");
+            }
+        }
+        assert_eq!(shop.sandbox.calls(), Default::default());
+        shop.shutdown().await;
+    })
+    .await;
+}
+
+/// Row 17: the backend does not know the configured instance (404, code 2000): fail closed.
+#[tokio::test]
+async fn unknown_instance_fails_closed() {
+    bounded(async {
+        let opts = SandboxOptions {
+            instances: Some(vec!["default".into()]),
+            ..SandboxOptions::default()
+        };
+        let probe = Sandbox::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), opts)
+            .await
+            .unwrap();
+        let shop = Shop::start_with(ShopSetup {
+            merchant_url: Some(probe.instance_url("nosuchshop").to_string()),
+            ..Default::default()
+        })
+        .await;
+        let r = Browser::api().get(&shop.url("/articles/i")).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+        assert!(shop.protected_origin_hits().is_empty());
+        shop.shutdown().await;
+        probe.shutdown().await;
+    })
+    .await;
+}
+
+/// Row 23: every order for one resource carries the same fulfillment URL, byte for byte: the
+/// public URL plus the normalised path, without the query.
+#[tokio::test]
+async fn orders_of_one_resource_share_one_fulfillment_url() {
+    bounded(async {
+        let shop = Shop::start().await;
+        let mut urls = Vec::new();
+        for target in [
+            "/articles/same.html?utm=1",
+            "//articles/./same.html",
+            "/articles/same.html",
+        ] {
+            // A fresh client each time: a fresh session and a fresh order.
+            let r = Browser::api().get(&shop.url(target)).await;
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            let order = order_id_of(body["order_status_url"].as_str().unwrap());
+            // Claim it, so the private status shows the contract terms.
+            shop.merchant_post("sandbox/claim", json!({"order_id": order}))
+                .await;
+            let url = format!("{}private/orders/{order}", shop.sandbox.base_url());
+            let req = http::Request::get(url)
+                .header("authorization", "Bearer secret-token:sandbox")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let st: Value = serde_json::from_slice(&send(&client(), req).await.body).unwrap();
+            urls.push(
+                st["contract_terms"]["fulfillment_url"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(urls[0], shop.url("/articles/same.html"));
+        assert!(urls.iter().all(|u| *u == urls[0]), "{urls:?}");
+        shop.shutdown().await;
+    })
+    .await;
+}
+
+/// Row 33: a refunded purchase is not offered for repurchase; a new browser must pay again.
+#[tokio::test]
+async fn refunded_purchase_is_not_replayed() {
+    bounded(async {
+        let shop = Shop::start().await;
+        let (_, order, _) = buy(&shop, "/articles/r33").await;
+        refund(&shop, &order, "KUDOS:0.5").await;
+        let (st, _) = shop
+            .merchant_post("sandbox/collect-refund", json!({"order_id": order}))
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let hits = shop.protected_origin_hits().len();
+        let mut fresh = Browser::api();
+        let r = fresh.get(&shop.url("/articles/r33")).await;
+        assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        let status_url = body["order_status_url"].as_str().unwrap();
+        // The wallet pays anew (no replay of the refunded order).
+        let paid = shop
+            .pay(
+                &order_id_of(status_url),
+                &query_param(status_url, "session_id"),
+            )
+            .await;
+        assert_ne!(paid, order);
+        assert_eq!(
+            fresh.get(&shop.url("/articles/r33")).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(shop.protected_origin_hits().len(), hits + 1);
+        shop.shutdown().await;
+    })
+    .await;
+}
+
+/// Rows 8 and 9: a first visit to another resource makes an order for it only, leaving the
+/// other order cookies alone; an order cookie without a valid session is discarded.
+#[tokio::test]
+async fn orders_are_per_resource_and_need_the_session() {
+    bounded(async {
+        let shop = Shop::start().await;
+        let (mut c, _, _) = buy(&shop, "/articles/one").await;
+        let before: Vec<_> = c.jar.keys().cloned().collect();
+        let r = c.get(&shop.url("/articles/two")).await;
+        assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+        for key in &before {
+            assert!(c.jar.contains_key(key), "{key:?} was touched");
+        }
+        assert_eq!(
+            c.get(&shop.url("/articles/one")).await.status,
+            StatusCode::OK
+        );
+        // Row 9: drop the session cookie, keep the order cookies: a new session and order.
+        let mut no_session = c.clone();
+        no_session
+            .jar
+            .retain(|(name, _), _| !name.contains("session"));
+        let created = shop.sandbox.calls().create_order;
+        let r = no_session.get(&shop.url("/articles/one")).await;
+        assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(shop.sandbox.calls().create_order, created + 1);
+        shop.shutdown().await;
+    })
+    .await;
+}
