@@ -224,13 +224,18 @@ pub struct RequestCookies {
 
 impl RequestCookies {
     /// Parses every `Cookie` header (HTTP/2 may split them). Unparsable pieces are skipped.
+    /// Values are percent-decoded: the `set_*` functions send them percent-encoded (`|`, `/`
+    /// and `=` of the signed value), and browsers return them verbatim.
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut pairs = Vec::new();
         for v in headers.get_all(COOKIE) {
             let Ok(s) = v.to_str() else { continue };
             for c in Cookie::split_parse(s).flatten() {
-                if is_gateway_cookie(c.name()) && pairs.len() < 64 {
-                    pairs.push((c.name().to_owned(), c.value().to_owned()));
+                if !is_gateway_cookie(c.name()) || pairs.len() >= 64 {
+                    continue;
+                }
+                if let Ok(value) = percent_encoding::percent_decode_str(c.value()).decode_utf8() {
+                    pairs.push((c.name().to_owned(), value.into_owned()));
                 }
             }
         }
@@ -488,6 +493,39 @@ mod tests {
             c.session(&keys, &settings(), 100),
             None,
             "issued in the future"
+        );
+    }
+
+    /// What a browser sends back: `name=value` of the `Set-Cookie`, verbatim (still encoded).
+    #[test]
+    fn cookies_round_trip_as_a_browser_returns_them() {
+        let keys = CookieKeys::new(&config(A, &[]));
+        let s = Session {
+            id: SessionId::generate(),
+            issued_at: 1000,
+        };
+        let o = OrderCookie {
+            order_id: "2026.330-ABC".into(),
+            verified_at: Some(5),
+        };
+        let set = [
+            set_session(&keys, &settings(), &s).unwrap(),
+            set_order(&keys, &settings(), &s.id, "/premium/a", "/", &o).unwrap(),
+            set_return_to(&keys, &settings(), &s.id, "/p/", "/p", Some("/p/a%20b")).unwrap(),
+        ];
+        let echoed: Vec<&str> = set
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap())
+            .collect();
+        assert!(echoed[0].contains("%7C"), "{}", echoed[0]);
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(&echoed.join("; ")).unwrap());
+        let c = RequestCookies::parse(&h);
+        assert_eq!(c.session(&keys, &settings(), 1000), Some(s.clone()));
+        assert_eq!(c.order(&keys, &s.id, "/premium/a"), Some(o));
+        assert_eq!(
+            c.return_to(&keys, &s.id, "/p/").as_deref(),
+            Some("/p/a%20b")
         );
     }
 
