@@ -408,10 +408,12 @@ pub fn set_return_to(
 /// Removes the gateway's cookies from the `Cookie` header(s), keeping the site's. Returns
 /// whether anything was removed. The header is rebuilt only in that case.
 pub fn strip_gateway_cookies(headers: &mut HeaderMap) -> bool {
+    // On the bytes: a header that is not UTF-8 can still carry a gateway cookie.
+    let prefix = COOKIE_PREFIX.as_bytes();
     let found = headers
         .get_all(COOKIE)
         .iter()
-        .any(|v| v.to_str().map_or(false, |s| s.contains(COOKIE_PREFIX)));
+        .any(|v| v.as_bytes().windows(prefix.len()).any(|w| w == prefix));
     if !found {
         return false;
     }
@@ -689,6 +691,14 @@ mod tests {
         );
         assert!(strip_gateway_cookies(&mut only));
         assert!(only.get(COOKIE).is_none());
+        // obs-text elsewhere in the header must not let the session cookie through.
+        let mut non_utf8 = HeaderMap::new();
+        non_utf8.insert(
+            COOKIE,
+            HeaderValue::from_bytes(b"taler_paywall_session=x; a=\xff").unwrap(),
+        );
+        assert!(strip_gateway_cookies(&mut non_utf8));
+        assert!(non_utf8.get(COOKIE).is_none());
         let mut none = HeaderMap::new();
         none.insert(COOKIE, HeaderValue::from_static("a=1"));
         assert!(!strip_gateway_cookies(&mut none));
