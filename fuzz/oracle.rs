@@ -214,32 +214,40 @@ pub fn check_normal_form(n: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// What a merchant order-status body says, read as generic JSON: `Some(true)` for an object
-/// whose `order_status` is exactly the string `"paid"`, `Some(false)` for any other JSON
-/// value, `None` if it is not JSON. With duplicate keys the last one counts here (the decoder
-/// must then reject or agree).
-pub fn json_says_paid(body: &[u8]) -> Option<bool> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    Some(
-        v.as_object()
-            .and_then(|o| o.get("order_status"))
-            .and_then(|s| s.as_str())
-            == Some("paid"),
-    )
+/// The decision-relevant fields of an order-status body, read independently of
+/// `taler_paywall::merchant`. Derived like the decoder's wire type, so unknown fields are
+/// skipped with serde_json's leniency (it does not check the strings it skips for valid
+/// UTF-8 or lone surrogates): a body the decoder can read, this can read too.
+#[derive(serde::Deserialize)]
+struct Probe {
+    order_status: Option<serde_json::Value>,
+    refunded: Option<serde_json::Value>,
+    refund_amount: Option<serde_json::Value>,
+}
+
+/// `Some` for a JSON object (derived structs also accept arrays: those are `None`).
+fn probe(body: &[u8]) -> Option<Probe> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// Whether the body is a JSON object whose `order_status` is exactly the string `"paid"`.
+pub fn json_says_paid(body: &[u8]) -> bool {
+    probe(body).is_some_and(|p| p.order_status.as_ref().and_then(|s| s.as_str()) == Some("paid"))
 }
 
 /// Whether the body declares a refund: `"refunded": true` or a `refund_amount` that is a
 /// non-zero amount.
 pub fn json_declares_refund(body: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Some(p) = probe(body) else {
         return false;
     };
-    let Some(o) = v.as_object() else {
-        return false;
-    };
-    let refunded = o.get("refunded").and_then(|r| r.as_bool()) == Some(true);
-    let amount = o
-        .get("refund_amount")
+    let refunded = p.refunded.and_then(|r| r.as_bool()) == Some(true);
+    let amount = p
+        .refund_amount
+        .as_ref()
         .and_then(|a| a.as_str())
         .and_then(|a| a.parse::<taler_paywall::amount::Amount>().ok())
         .is_some_and(|a| !a.is_zero());
@@ -252,7 +260,7 @@ pub fn json_declares_refund(body: &[u8]) -> bool {
 pub fn check_status(body: &[u8]) -> Result<(), String> {
     let decoded = taler_paywall::merchant::decode_status(body);
     if let Ok(OrderStatus::Paid { refunded, .. }) = decoded {
-        if json_says_paid(body) != Some(true) {
+        if !json_says_paid(body) {
             return Err(format!(
                 "Paid for a body that is not {{\"order_status\":\"paid\"}}: {:?}",
                 String::from_utf8_lossy(body)
