@@ -253,6 +253,13 @@ fn is_pay_uri(s: &str) -> bool {
 /// [`MerchantError::Malformed`] or [`MerchantError::UnknownStatus`] when the decision-relevant
 /// fields are missing or invalid.
 pub fn decode_status(body: &[u8]) -> Result<OrderStatus, MerchantError> {
+    // serde also accepts a struct as a JSON array of its fields in declaration order; a
+    // status answer is an object, and nothing else may decide "paid".
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(MerchantError::Malformed(
+            "order status: not a JSON object".into(),
+        ));
+    }
     let w: StatusWire = serde_json::from_slice(body)
         .map_err(|e| MerchantError::Malformed(format!("order status: {e}")))?;
     match w.order_status.as_str() {
@@ -514,6 +521,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_must_be_an_object() {
+        let array = br#"["paid",null,null,null,null,null,null,false,null,null]"#;
+        assert!(matches!(
+            decode_status(array),
+            Err(MerchantError::Malformed(_))
+        ));
+        let spaced = b" \n{\"order_status\":\"paid\",\"refunded\":false}";
+        assert!(matches!(
+            decode_status(spaced),
+            Ok(OrderStatus::Paid { .. })
+        ));
+    }
 
     #[test]
     fn decodes_the_three_variants_tolerantly() {

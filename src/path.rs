@@ -18,7 +18,9 @@
 //! - the fully decoded path must be valid UTF-8 (an origin that decodes could otherwise see a
 //!   different string than we matched on);
 //! - empty segments (`//`) are merged, `.` segments dropped, `..` pops a segment, and `..`
-//!   above the root is rejected; a trailing slash is kept because it is meaningful to origins.
+//!   above the root is rejected; a trailing slash is kept because it is meaningful to origins;
+//! - an empty, `.` or `..` segment followed by `;` parameters (`/..;/x`) is rejected: servlet
+//!   containers strip the parameters and would then resolve it.
 //!
 //! The query string is never part of the path and never influences the decision.
 
@@ -81,6 +83,10 @@ pub enum PathError {
     /// `..` would climb above the root.
     #[error("'..' above the root")]
     AboveRoot,
+    /// An empty, `.` or `..` segment with `;` parameters (`/..;/x`, `/;/x`): servlet
+    /// containers strip the parameters and then merge or resolve the segment.
+    #[error("empty, '.' or '..' segment with ';' parameters in the path")]
+    AmbiguousSegment,
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -157,6 +163,12 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
         canon.ends_with('/') || canon.ends_with("/.") || canon.ends_with("/..") || canon == "/";
     let mut out: Vec<&str> = Vec::new();
     for seg in canon.split('/') {
+        // What an origin that strips `;params` (raw or decoded `%3B`) sees of this segment.
+        let bare = seg.split(';').next().unwrap_or("");
+        let bare = bare.split("%3B").next().unwrap_or("");
+        if bare != seg && matches!(bare, "" | "." | "..") {
+            return Err(PathError::AmbiguousSegment);
+        }
         match seg {
             "" | "." => {}
             ".." => {
@@ -249,6 +261,15 @@ mod tests {
             ("/../premium", AboveRoot),
             ("/%2e%2e/premium", AboveRoot),
             ("/a/../../premium", AboveRoot),
+            // Servlet containers strip `;…` and then resolve the dot segment.
+            ("/..;/premium", AmbiguousSegment),
+            ("/free/..;x=1/premium", AmbiguousSegment),
+            ("/.;/premium", AmbiguousSegment),
+            ("/free/%2e%2e;/premium", AmbiguousSegment),
+            ("/free/..%3b/premium", AmbiguousSegment),
+            ("/free/.%3Bx/premium", AmbiguousSegment),
+            ("/;x/premium", AmbiguousSegment),
+            ("/free/%3B/premium", AmbiguousSegment),
         ];
         for (input, err) in rows {
             assert_eq!(normalize(input), Err(err), "{input}");

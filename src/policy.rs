@@ -52,12 +52,17 @@ impl ProtectedRoute {
     }
 }
 
+/// Compares percent-decoded segments: origins decode `%27` to `'` and `%3B` to `;` before
+/// they look at the file system or strip matrix parameters, so the encoded and the plain
+/// spelling must match alike.
 fn segment_matches(want: &str, have: &str) -> bool {
+    let want: Vec<u8> = percent_encoding::percent_decode_str(want).collect();
+    let have: Vec<u8> = percent_encoding::percent_decode_str(have).collect();
     if have.len() < want.len() {
         return false;
     }
     let (head, rest) = have.split_at(want.len());
-    head.eq_ignore_ascii_case(want) && (rest.is_empty() || rest.starts_with(';'))
+    head.eq_ignore_ascii_case(&want) && (rest.is_empty() || rest.starts_with(b";"))
 }
 
 /// The set of protected routes.
@@ -125,6 +130,8 @@ mod tests {
             rule("/premium", Scope::Page),
             rule("/premium/gold", Scope::Prefix),
             rule("/docs/paid", Scope::Page),
+            rule("/it's", Scope::Page),
+            rule("/caf%C3%A9", Scope::Page),
         ]);
         let rows: &[(&str, Option<&str>)] = &[
             ("/premium", Some("/premium")),
@@ -143,6 +150,14 @@ mod tests {
             ("/Premium", Some("/premium")),
             ("/premium;jsessionid=1/a", Some("/premium")),
             ("/docs/paid;x/y", Some("/docs/paid")),
+            // Origins decode before matching files or stripping `;` parameters.
+            ("/premium%3Bx=1/a", Some("/premium")),
+            ("/PREMIUM%3b", Some("/premium")),
+            ("/%70remium/gold%3B/x", Some("/premium/gold")),
+            ("/it%27s/a", Some("/it's")),
+            ("/IT's", Some("/it's")),
+            ("/caf%c3%a9", Some("/caf%C3%A9")),
+            ("/premium%3Ax", None),
         ];
         for (path, want) in rows {
             let p = normalize(path).unwrap();

@@ -224,13 +224,18 @@ pub struct RequestCookies {
 
 impl RequestCookies {
     /// Parses every `Cookie` header (HTTP/2 may split them). Unparsable pieces are skipped.
+    /// Values are percent-decoded: the `set_*` functions send them percent-encoded (`|`, `/`
+    /// and `=` of the signed value), and browsers return them verbatim.
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut pairs = Vec::new();
         for v in headers.get_all(COOKIE) {
             let Ok(s) = v.to_str() else { continue };
-            for c in Cookie::split_parse_encoded(s).flatten() {
-                if is_gateway_cookie(c.name()) && pairs.len() < 64 {
-                    pairs.push((c.name().to_owned(), c.value().to_owned()));
+            for c in Cookie::split_parse(s).flatten() {
+                if !is_gateway_cookie(c.name()) || pairs.len() >= 64 {
+                    continue;
+                }
+                if let Ok(value) = percent_encoding::percent_decode_str(c.value()).decode_utf8() {
+                    pairs.push((c.name().to_owned(), value.into_owned()));
                 }
             }
         }
@@ -400,6 +405,42 @@ pub fn set_return_to(
     }
 }
 
+/// Removes the gateway's cookies from the `Cookie` header(s), keeping the site's. Returns
+/// whether anything was removed. The header is rebuilt only in that case.
+pub fn strip_gateway_cookies(headers: &mut HeaderMap) -> bool {
+    // On the bytes: a header that is not UTF-8 can still carry a gateway cookie.
+    let prefix = COOKIE_PREFIX.as_bytes();
+    let found = headers
+        .get_all(COOKIE)
+        .iter()
+        .any(|v| v.as_bytes().windows(prefix.len()).any(|w| w == prefix));
+    if !found {
+        return false;
+    }
+    let mut kept: Vec<String> = Vec::new();
+    for v in headers.get_all(COOKIE) {
+        // A non-UTF-8 Cookie header cannot be parsed safely; it is dropped whole.
+        let Ok(s) = v.to_str() else { continue };
+        for piece in s.split(';') {
+            let piece = piece.trim();
+            if piece.is_empty() {
+                continue;
+            }
+            let name = piece.split('=').next().unwrap_or("").trim();
+            if !is_gateway_cookie(name) {
+                kept.push(piece.to_owned());
+            }
+        }
+    }
+    headers.remove(COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,8 +470,8 @@ mod tests {
         let pairs: Vec<String> = set_cookies
             .iter()
             .map(|v| {
-                // Like a browser: the pair before the first `;`, exactly as sent.
-                v.to_str().unwrap().split(';').next().unwrap().to_owned()
+                let c = Cookie::parse_encoded(v.to_str().unwrap().to_owned()).unwrap();
+                format!("{}={}", c.name(), c.value())
             })
             .collect();
         let mut h = HeaderMap::new();
@@ -457,6 +498,39 @@ mod tests {
         );
     }
 
+    /// What a browser sends back: `name=value` of the `Set-Cookie`, verbatim (still encoded).
+    #[test]
+    fn cookies_round_trip_as_a_browser_returns_them() {
+        let keys = CookieKeys::new(&config(A, &[]));
+        let s = Session {
+            id: SessionId::generate(),
+            issued_at: 1000,
+        };
+        let o = OrderCookie {
+            order_id: "2026.330-ABC".into(),
+            verified_at: Some(5),
+        };
+        let set = [
+            set_session(&keys, &settings(), &s).unwrap(),
+            set_order(&keys, &settings(), &s.id, "/premium/a", "/", &o).unwrap(),
+            set_return_to(&keys, &settings(), &s.id, "/p/", "/p", Some("/p/a%20b")).unwrap(),
+        ];
+        let echoed: Vec<&str> = set
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap())
+            .collect();
+        assert!(echoed[0].contains("%7C"), "{}", echoed[0]);
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(&echoed.join("; ")).unwrap());
+        let c = RequestCookies::parse(&h);
+        assert_eq!(c.session(&keys, &settings(), 1000), Some(s.clone()));
+        assert_eq!(c.order(&keys, &s.id, "/premium/a"), Some(o));
+        assert_eq!(
+            c.return_to(&keys, &s.id, "/p/").as_deref(),
+            Some("/p/a%20b")
+        );
+    }
+
     #[test]
     fn foreign_and_tampered_cookies_are_absent() {
         let keys_a = CookieKeys::new(&config(A, &[]));
@@ -466,7 +540,7 @@ mod tests {
             issued_at: 1000,
         };
         let v = set_session(&keys_a, &settings(), &s).unwrap();
-        let h = headers_from(std::slice::from_ref(&v));
+        let h = headers_from(&[v.clone()]);
         assert!(RequestCookies::parse(&h)
             .session(&keys_b, &settings(), 1000)
             .is_none());
@@ -597,5 +671,37 @@ mod tests {
             cookie_path(&based, "/premium/a", "/premium"),
             "/shop/premium/a"
         );
+    }
+
+    #[test]
+    fn strips_only_gateway_cookies() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("site=1; taler_paywall_session=x; b=2"),
+        );
+        h.append(COOKIE, HeaderValue::from_static("taler_paywall_o_abc=y"));
+        assert!(strip_gateway_cookies(&mut h));
+        assert_eq!(h.get_all(COOKIE).iter().count(), 1);
+        assert_eq!(h.get(COOKIE).unwrap(), "site=1; b=2");
+        let mut only = HeaderMap::new();
+        only.insert(
+            COOKIE,
+            HeaderValue::from_static("__Host-taler_paywall_session=x"),
+        );
+        assert!(strip_gateway_cookies(&mut only));
+        assert!(only.get(COOKIE).is_none());
+        // obs-text elsewhere in the header must not let the session cookie through.
+        let mut non_utf8 = HeaderMap::new();
+        non_utf8.insert(
+            COOKIE,
+            HeaderValue::from_bytes(b"taler_paywall_session=x; a=\xff").unwrap(),
+        );
+        assert!(strip_gateway_cookies(&mut non_utf8));
+        assert!(non_utf8.get(COOKIE).is_none());
+        let mut none = HeaderMap::new();
+        none.insert(COOKIE, HeaderValue::from_static("a=1"));
+        assert!(!strip_gateway_cookies(&mut none));
+        assert_eq!(none.get(COOKIE).unwrap(), "a=1");
     }
 }
