@@ -188,6 +188,9 @@ impl GatewayError {
                 PathError::Backslash => "The request path contains a backslash.",
                 PathError::InvalidUtf8 => "The request path is not valid UTF-8.",
                 PathError::AboveRoot => "The request path climbs above the root.",
+                PathError::AmbiguousSegment => {
+                    "The request path has a segment that servers read differently ('..;' or similar)."
+                }
             },
             GatewayError::Proxy(p) => match p {
                 ProxyError::Unreachable(_) | ProxyError::Origin(_) => {

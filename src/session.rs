@@ -540,7 +540,7 @@ mod tests {
             issued_at: 1000,
         };
         let v = set_session(&keys_a, &settings(), &s).unwrap();
-        let h = headers_from(&[v.clone()]);
+        let h = headers_from(std::slice::from_ref(&v));
         assert!(RequestCookies::parse(&h)
             .session(&keys_b, &settings(), 1000)
             .is_none());
