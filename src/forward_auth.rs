@@ -8,9 +8,9 @@
 //! [`crate::flow::PaymentGate::decide`] — and answers:
 //!
 //! - **let through**: `200` with an empty body. It carries the cookies the flow wants set (as
-//!   `Set-Cookie`, or as `X-Taler-Paywall-Set-Cookie-N` in nginx style) and, in
-//!   [`ORIGIN_COOKIE`], the client's `Cookie` header without the gateway's own cookies, for the
-//!   front proxy to send to the origin instead of the client's.
+//!   `Set-Cookie`, or as `X-Taler-Paywall-Set-Cookie-N` in nginx style) and the client's
+//!   `Cookie` header without the gateway's own cookies (as `Cookie`, or as [`ORIGIN_COOKIE`]
+//!   in nginx style), for the front proxy to send to the origin instead of the client's.
 //! - **pay first** (or any other refusal), in the style the query parameter `style` selects:
 //!   - `style=redirect` (the default; Traefik, Caddy): the flow's response as it is (302 to the
 //!     merchant's status page with `Set-Cookie`, 402, 403, 429, 5xx), which those proxies relay
@@ -45,9 +45,8 @@ pub const ORIGINAL_METHOD: &str = "x-original-method";
 /// Header with the original method (Traefik, Caddy).
 pub const FORWARDED_METHOD: &str = "x-forwarded-method";
 
-/// On a `200`: the `Cookie` header the origin should get (the client's, without the gateway's
-/// cookies); absent when nothing remains. Traefik (`authResponseHeaders`) and Caddy
-/// (`copy_headers`) copy it by name; nginx reads it with `auth_request_set`.
+/// nginx style, on a `200`: the `Cookie` header the origin should get (the client's, without
+/// the gateway's cookies); absent when nothing remains. (Redirect style sends it as `Cookie`.)
 pub const ORIGIN_COOKIE: &str = "x-taler-paywall-cookie";
 /// nginx style: the status the client should get.
 pub const NGINX_STATUS: &str = "x-taler-paywall-status";
@@ -282,16 +281,22 @@ fn let_through(
 ) -> Response<Body> {
     let mut resp = no_store(Response::new(empty()));
     let h = resp.headers_mut();
-    if let Some(c) = origin_cookie {
-        h.insert(HeaderName::from_static(ORIGIN_COOKIE), c);
-    }
     match style {
         Style::Redirect => {
+            // Named `Cookie` because Traefik (`authResponseHeaders`) and Caddy
+            // (`copy_headers`) copy headers onto the origin request under their own name,
+            // replacing the client's (and removing it when this one is absent).
+            if let Some(c) = origin_cookie {
+                h.insert(header::COOKIE, c);
+            }
             for c in set_cookies {
                 h.append(header::SET_COOKIE, c);
             }
         }
         Style::Nginx => {
+            if let Some(c) = origin_cookie {
+                h.insert(HeaderName::from_static(ORIGIN_COOKIE), c);
+            }
             // More cookies than slots cannot happen (the flow sets at most three); if it
             // did, the extra ones would be lost, which costs a merchant call, never access.
             for (name, c) in NGINX_COOKIE_NAMES.iter().zip(set_cookies) {
