@@ -64,8 +64,18 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // The master forwards nothing on SIGKILL, but its workers exit when it is gone
-        // (they watch the channel to the master); `wait` reaps the master.
+        // SIGTERM: the master stops its workers and exits once they are gone. (SIGKILL alone
+        // would orphan the workers, which keep the port open.) SIGKILL only as a fallback.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
