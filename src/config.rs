@@ -82,6 +82,7 @@ pub struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     pages: RawPages,
+    forward_auth: Option<Spanned<RawForwardAuth>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +171,12 @@ struct RawPages {
     dir: Option<Spanned<String>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwardAuth {
+    path: Option<Spanned<String>>,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Validated layer
 // ---------------------------------------------------------------------------------------------
@@ -193,6 +200,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Page templates.
     pub pages: PagesConfig,
+    /// The forward-auth endpoint for a front proxy (`None`: no `[forward_auth]` table).
+    pub forward_auth: Option<ForwardAuthConfig>,
 }
 
 /// `[server]`.
@@ -341,6 +350,18 @@ pub struct LimitsConfig {
 pub struct PagesConfig {
     /// Directory with templates that override the built-in pages.
     pub dir: Option<PathBuf>,
+}
+
+/// The path of the forward-auth endpoint when `[forward_auth]` names none.
+pub const DEFAULT_FORWARD_AUTH_PATH: &str = "/.well-known/taler-paywall/auth";
+
+/// `[forward_auth]`: the gateway answers a front proxy's authorization subrequests (nginx
+/// `auth_request`, Traefik `forwardAuth`, Caddy `forward_auth`) at `path`.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthConfig {
+    /// Normalised path of the endpoint on the public listener (default
+    /// [`DEFAULT_FORWARD_AUTH_PATH`]); no `[[protect]]` prefix covers it.
+    pub path: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -705,6 +726,13 @@ impl Validator<'_> {
                 p
             }),
         };
+        let forward_auth = raw
+            .forward_auth
+            .as_ref()
+            .and_then(|fa| self.forward_auth(fa, &raw.server, protect.as_deref()));
+        if raw.forward_auth.is_some() && forward_auth.is_none() {
+            return None;
+        }
         Some(Config {
             server: server?,
             origin: origin?,
@@ -714,6 +742,57 @@ impl Validator<'_> {
             admin: admin.map_or(Some(None), |a| a.map(Some))?,
             limits,
             pages,
+            forward_auth,
+        })
+    }
+
+    fn forward_auth(
+        &mut self,
+        raw: &Spanned<RawForwardAuth>,
+        server: &RawServer,
+        protect: Option<&[ProtectRule]>,
+    ) -> Option<ForwardAuthConfig> {
+        let mut ok = true;
+        if server.trusted_proxies.is_empty() {
+            self.fail(
+                raw,
+                "forward_auth: server.trusted_proxies is empty; the endpoint believes the original URI only from a trusted front proxy, so name its address there",
+            );
+            ok = false;
+        }
+        let given = raw.get_ref().path.as_ref();
+        let text = given.map_or(DEFAULT_FORWARD_AUTH_PATH, |p| p.get_ref().as_str());
+        let path = match path::normalize(text) {
+            Ok(n) if n.as_str() == text && text != "/" && !text.ends_with('/') => Some(n),
+            _ => {
+                let msg = format!(
+                    "forward_auth.path \"{text}\" must be a plain absolute path in normal form, not \"/\" and without a trailing /"
+                );
+                match given {
+                    Some(at) => self.fail(at, msg),
+                    None => self.fail(raw, msg),
+                }
+                None
+            }
+        };
+        let path = path?;
+        if let Some(rules) = protect {
+            // The endpoint must never be mistaken for (or hidden behind) a protected page.
+            let policy = crate::policy::Policy::new(rules);
+            if let Some(route) = policy.classify(&path) {
+                let msg = format!(
+                    "forward_auth.path \"{text}\" lies under the protected prefix \"{}\"; choose a path no [[protect]] prefix covers",
+                    route.prefix
+                );
+                match given {
+                    Some(at) => self.fail(at, msg),
+                    None => self.fail(raw, msg),
+                }
+                ok = false;
+            }
+        }
+        ok.then(|| ForwardAuthConfig {
+            path: path.as_str().to_owned(),
         })
     }
 
@@ -1908,6 +1987,55 @@ dir = "pages"
         assert!(msg.starts_with("admin.listen must differ"), "{msg}");
         let text = format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9090\"\n");
         assert!(ok(&text).admin.is_some());
+    }
+
+    // -- [forward_auth] -------------------------------------------------------------------------
+
+    #[test]
+    fn forward_auth_is_off_without_its_table_and_defaults_its_path() {
+        assert!(ok(MINIMAL).forward_auth.is_none());
+        let text = insert_after(MINIMAL, "listen =", "trusted_proxies = [\"127.0.0.1\"]");
+        let text = format!("{text}\n[forward_auth]\n");
+        let fa = ok(&text).forward_auth.expect("enabled by the table");
+        assert_eq!(fa.path, DEFAULT_FORWARD_AUTH_PATH);
+        let text = format!("{text}path = \"/_auth/check\"\n");
+        assert_eq!(ok(&text).forward_auth.unwrap().path, "/_auth/check");
+    }
+
+    #[test]
+    fn forward_auth_needs_a_trusted_proxy() {
+        let text = format!("{MINIMAL}\n[forward_auth] # fa\npath = \"/_auth\"\n");
+        let msg = one_problem(&text, "# fa");
+        assert!(msg.contains("trusted_proxies"), "{msg}");
+    }
+
+    #[test]
+    fn forward_auth_path_must_be_plain_and_not_protected() {
+        let base = insert_after(MINIMAL, "listen =", "trusted_proxies = [\"127.0.0.1\"]");
+        for bad in [
+            "/a/../auth",
+            "//auth",
+            "/%61uth",
+            "auth",
+            "/",
+            "/auth/",
+            "/a%2Fb",
+        ] {
+            let text = format!("{base}\n[forward_auth]\npath = \"{bad}\" # p\n");
+            let msg = one_problem(&text, "# p");
+            assert!(msg.starts_with("forward_auth.path"), "{bad}: {msg}");
+        }
+        // A [[protect]] prefix covering the endpoint (in any letter case) is refused.
+        for shadowed in ["/premium/auth", "/PREMIUM/auth", "/premium"] {
+            let text = format!("{base}\n[forward_auth]\npath = \"{shadowed}\" # p\n");
+            let msg = one_problem(&text, "# p");
+            assert!(msg.contains("protected prefix"), "{shadowed}: {msg}");
+        }
+        // Also the default path, under a prefix of "/".
+        let text = replace_line(&base, "prefix =", "prefix = \"/\"");
+        let text = format!("{text}\n[forward_auth] # fa\n");
+        let msg = one_problem(&text, "# fa");
+        assert!(msg.contains("protected prefix"), "{msg}");
     }
 
     // -- several problems -----------------------------------------------------------------------

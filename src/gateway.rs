@@ -310,6 +310,11 @@ impl Gateway {
     {
         reject_unacceptable(&req)?;
         let path = normalize_path(&req)?;
+        if crate::forward_auth::is_endpoint(&ctx.app.config, &path) {
+            // A front proxy asks about another request (`[forward_auth]`); nothing is forwarded.
+            outcome.path = Some(path);
+            return crate::forward_auth::handle(req, ctx).await;
+        }
         let route = ctx.app.policy.classify(&path);
         outcome.protected = route.is_some();
         let result = match route {

@@ -25,6 +25,7 @@
 //! - [`merchant`]: the merchant backend client and its wire types.
 //! - [`payment`]: the pure decision function of the storefront algorithm.
 //! - [`flow`]: carries out the payment decisions for one protected request.
+//! - [`forward_auth`]: the endpoint a front proxy (nginx, Traefik, Caddy) asks instead.
 //! - [`tls`]: verified TLS client configuration for origin and merchant.
 //! - [`sandbox`]: the built-in sandbox merchant backend and wallet.
 //! - [`demo`]: `taler-paywall demo`, a sample site, the sandbox and the gateway.
@@ -38,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod flow;
+pub mod forward_auth;
 pub mod gateway;
 pub mod merchant;
 pub mod pages;

@@ -178,7 +178,7 @@ fn known_keys(table: &str) -> BTreeSet<String> {
         format!("zz_unknown = 1\n{VALID}")
     } else {
         let with_tables = format!(
-            "{VALID}\n[server.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\n[admin]\nlisten = \"127.0.0.1:9090\"\n\n[limits]\n\n[pages]\n"
+            "{VALID}\n[server.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\n[admin]\nlisten = \"127.0.0.1:9090\"\n\n[limits]\n\n[pages]\n\n[forward_auth]\n"
         );
         replace(
             &with_tables,
@@ -217,6 +217,7 @@ fn the_example_and_the_reference_document_every_key() {
         ("[admin]", "admin"),
         ("[limits]", "limits"),
         ("[pages]", "pages"),
+        ("[forward_auth]", "forward_auth"),
     ];
     let top = known_keys("");
     let named: BTreeSet<String> = tables[1..]
