@@ -235,3 +235,78 @@ async fn a_broken_origin_gives_clean_errors_and_the_gateway_keeps_serving() {
     })
     .await;
 }
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts a TLS-terminating gateway (the `localhost` test certificate, protecting nothing) in
+/// front of `backend`: an https origin or merchant with a certificate no public root trusts.
+async fn tls_front(backend: &str) -> (u16, taler_paywall::gateway::RunningGateway) {
+    let tls = format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        fixture("localhost.crt"),
+        fixture("localhost.key")
+    );
+    let gw = support::start_gateway(
+        &support::ConfigBuilder::new(backend)
+            .no_protect()
+            .tail(&tls)
+            .build(),
+    )
+    .await;
+    (gw.addr.port(), gw)
+}
+
+/// Backend TLS is verified (pitfall 22): an https origin or merchant whose certificate is not
+/// trusted is a 502 (no content, no order), and trusting its CA with `ca_file` makes it work.
+#[tokio::test]
+async fn backends_with_untrusted_certificates_are_refused() {
+    bounded(async {
+        let origin = support::TestOrigin::echo().await;
+        let sandbox = start_sandbox().await;
+        let (origin_port, origin_tls) = tls_front(&origin.url()).await;
+        let (merchant_port, merchant_tls) =
+            tls_front(sandbox.base_url().as_str().trim_end_matches('/')).await;
+        for trusted in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut text = shop_config(
+                addr,
+                &format!("https://localhost:{origin_port}"),
+                &format!("https://localhost:{merchant_port}/"),
+                "300s",
+                NO_LIMIT,
+            );
+            if trusted {
+                let ca = format!("ca_file = \"{}\"\n", fixture("localhost.crt"));
+                text = text
+                    .replace(
+                        "response_timeout = \"2s\"\n",
+                        &format!("response_timeout = \"2s\"\n{ca}"),
+                    )
+                    .replace("timeout = \"1s\"\n", &format!("timeout = \"1s\"\n{ca}"));
+            }
+            let gw = start_gateway_on(&text, listener).await;
+            let free = Jar::api().get(&format!("http://{addr}/free/x")).await;
+            let paid = Jar::api().get(&format!("http://{addr}/articles/x")).await;
+            if trusted {
+                assert_eq!(free.status, StatusCode::OK, "{}", free.text());
+                assert_eq!(paid.status, StatusCode::PAYMENT_REQUIRED, "{}", paid.text());
+                assert_eq!(origin.count(), 1);
+                assert_eq!(sandbox.calls().create_order, 1);
+            } else {
+                assert_eq!(free.status, StatusCode::BAD_GATEWAY, "{}", free.text());
+                assert_eq!(paid.status, StatusCode::BAD_GATEWAY, "{}", paid.text());
+                assert_eq!(paid.header("cache-control"), Some("no-store"));
+                assert_eq!(origin.count(), 0);
+                assert_eq!(sandbox.calls().create_order, 0);
+            }
+            gw.shutdown().await.unwrap();
+        }
+        origin_tls.shutdown().await.unwrap();
+        merchant_tls.shutdown().await.unwrap();
+        sandbox.shutdown().await;
+    })
+    .await;
+}

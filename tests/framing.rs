@@ -534,3 +534,48 @@ async fn a_request_hidden_in_a_protected_body_is_never_served() {
     })
     .await;
 }
+
+/// Caching (pitfall 21): a paid page the origin marks `public, s-maxage` reaches the client as
+/// `private` (shared caches must never store it), while every payment answer is `no-store`.
+#[tokio::test]
+async fn paid_responses_are_private_and_payment_answers_no_store() {
+    bounded(async {
+        let origin = support::TestOrigin::start(vec![(
+            "/premium/",
+            support::Reply::Fixed {
+                status: 200,
+                headers: vec![("cache-control", "public, max-age=600, s-maxage=600")],
+                body: "paid page",
+            },
+        )])
+        .await;
+        let sandbox = support::start_sandbox().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let text = support::shop_config(
+            addr,
+            &origin.url(),
+            sandbox.base_url().as_str(),
+            "300s",
+            NO_LIMIT,
+        );
+        let gw = support::start_gateway_on(&text, listener).await;
+        let r = Jar::api().get(&format!("http://{addr}/premium/")).await;
+        assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let r = Jar::html().get(&format!("http://{addr}/premium/")).await;
+        assert_eq!(r.status, StatusCode::FOUND);
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let (mut paid, _) = buy_api(addr, &sandbox.base_url(), "/premium/").await;
+        let r = paid.get(&format!("http://{addr}/premium/")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.body[..], b"paid page");
+        let cc = r.header("cache-control").unwrap();
+        assert!(cc.starts_with("private"), "{cc}");
+        assert!(!cc.contains("public") && !cc.contains("s-maxage"), "{cc}");
+        assert!(cc.contains("max-age=600"), "{cc}");
+        gw.shutdown().await.unwrap();
+        sandbox.shutdown().await;
+    })
+    .await;
+}
