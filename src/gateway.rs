@@ -450,7 +450,9 @@ pub fn assign_request_id(headers: &http::HeaderMap, peer_trusted: bool) -> Heade
 /// `Transfer-Encoding` other than `chunked`; with both `Transfer-Encoding: chunked` and
 /// `Content-Length` it drops `Content-Length`, reads the body as chunked and closes the
 /// connection afterwards, so that case is invisible here and harmless (the origin request is
-/// framed anew). What remains visible is refused.
+/// framed anew). What remains visible is refused, including a `Transfer-Encoding` that lists
+/// codings besides `chunked` (hyper accepts any list ending in `chunked`) and a `Host` whose
+/// port is not a number.
 ///
 /// # Errors
 /// [`GatewayError::BadRequest`].
@@ -468,12 +470,18 @@ pub fn reject_unacceptable<B>(req: &Request<B>) -> Result<(), GatewayError> {
     if lengths > 1 || (lengths == 1 && crate::proxy::content_length(headers).is_none()) {
         return Err(GatewayError::BadRequest("Invalid Content-Length."));
     }
+    // hyper reads any `Transfer-Encoding` whose last coding is `chunked` as chunked and hands
+    // over the body with the other codings still applied; forwarded without the header, the
+    // origin would get different bytes than the client meant. Only plain `chunked` passes.
+    if !transfer_encoding_is_plain_chunked(headers) {
+        return Err(GatewayError::BadRequest("Unsupported Transfer-Encoding."));
+    }
     let mut hosts = headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(GatewayError::BadRequest("More than one Host header.")),
         (Some(host), None) => {
             let ok = !host.as_bytes().contains(&b'@')
-                && http::uri::Authority::try_from(host.as_bytes()).is_ok();
+                && http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| port_is_valid(&a));
             if !ok {
                 return Err(GatewayError::BadRequest("Invalid Host header."));
             }
@@ -487,6 +495,35 @@ pub fn reject_unacceptable<B>(req: &Request<B>) -> Result<(), GatewayError> {
         }
     }
     Ok(())
+}
+
+/// No `Transfer-Encoding`, or exactly one coding, `chunked` (any case).
+fn transfer_encoding_is_plain_chunked(headers: &http::HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    }
+}
+
+/// `Host` is `uri-host [ ":" port ]` with `port = *DIGIT` (RFC 9110 §7.2, §4.1); `Authority`
+/// alone also accepts `host:name`.
+fn port_is_valid(authority: &http::uri::Authority) -> bool {
+    let s = authority.as_str();
+    let after_host = match s.rfind(']') {
+        Some(i) => &s[i + 1..],
+        None => s,
+    };
+    match after_host.rsplit_once(':') {
+        None => true,
+        Some((_, "")) => true,
+        Some(_) => authority.port_u16().is_some(),
+    }
 }
 
 /// Step 3: the canonical path, used for the decision and as the forwarded path. An

@@ -715,3 +715,445 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("field in /proc status")
 }
+
+// ---------------------------------------------------------------------------------------------
+// Payment-flow helpers (added for the hardening suites: framing, redirects, faults, load)
+// ---------------------------------------------------------------------------------------------
+
+/// The session secret of [`shop_config`].
+pub const SHOP_SECRET: &str = "hardening-tests-secret-0123456789abcdef";
+
+/// A complete gateway config in front of `origin` with merchant `merchant` (token
+/// `secret-token:sandbox`, timeout 1 s), listening on `listen` and reachable at
+/// `http://{listen}`. `/articles/` is sold per page (`KUDOS:0.5`), `/premium/` per prefix
+/// (`KUDOS:2`); `extra` is appended (more tables, e.g. `[limits]`). The `[session]` table is
+/// built from `session_lines` (at least `secret = …`).
+pub fn shop_config_with_session(
+    listen: SocketAddr,
+    origin: &str,
+    merchant: &str,
+    session_lines: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "[server]\nlisten = \"{listen}\"\npublic_url = \"http://{listen}\"\n\n\
+         [origin]\nurl = \"{origin}\"\nresponse_timeout = \"2s\"\n\n\
+         [merchant]\nurl = \"{merchant}\"\ntoken = \"secret-token:sandbox\"\ntimeout = \"1s\"\n\n\
+         [session]\n{session_lines}\n\n\
+         [[protect]]\nprefix = \"/articles/\"\nprice = \"KUDOS:0.5\"\nsummary = \"Article\"\nscope = \"page\"\n\n\
+         [[protect]]\nprefix = \"/premium/\"\nprice = \"KUDOS:2\"\nsummary = \"Premium\"\nscope = \"prefix\"\n\n\
+         {extra}\n"
+    )
+}
+
+/// [`shop_config_with_session`] with `secret = SHOP_SECRET` and `recheck_interval`.
+pub fn shop_config(
+    listen: SocketAddr,
+    origin: &str,
+    merchant: &str,
+    recheck: &str,
+    extra: &str,
+) -> String {
+    shop_config_with_session(
+        listen,
+        origin,
+        merchant,
+        &format!("secret = \"{SHOP_SECRET}\"\nrecheck_interval = \"{recheck}\""),
+        extra,
+    )
+}
+
+/// Starts an in-process gateway from a complete config text on `listener`.
+pub async fn start_gateway_on(text: &str, listener: TcpListener) -> RunningGateway {
+    let config = match Config::from_toml_str(text, Path::new("test.toml"), &NoEnv) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid: {e}\n{text}"),
+    };
+    taler_paywall::gateway::spawn(config, listener)
+        .await
+        .expect("gateway starts")
+}
+
+/// A sandbox merchant on 127.0.0.1 with the default options.
+pub async fn start_sandbox() -> taler_paywall::sandbox::Sandbox {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sandbox");
+    taler_paywall::sandbox::Sandbox::start(listener, Default::default())
+        .await
+        .expect("sandbox starts")
+}
+
+/// Pays `order_id` under `session_id` as the sandbox wallet; returns the order that was
+/// actually paid (an older one when the wallet replays a purchase).
+pub async fn sandbox_pay(base: &url::Url, order_id: &str, session_id: &str) -> String {
+    let body = format!(r#"{{"order_id":"{order_id}","session_id":"{session_id}"}}"#);
+    let req = Request::post(format!("{base}sandbox/pay"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, StatusCode::OK, "sandbox/pay: {}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    v["paid_order_id"]
+        .as_str()
+        .expect("paid_order_id")
+        .to_owned()
+}
+
+/// The value of query parameter `name` in `url`.
+pub fn query_param(url: &str, name: &str) -> Option<String> {
+    url::Url::parse(url)
+        .ok()?
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The last path segment of a status URL: the order id.
+pub fn order_id_of(status_url: &str) -> String {
+    let u = url::Url::parse(status_url).expect("status url");
+    u.path_segments()
+        .and_then(|mut s| s.next_back().map(str::to_owned))
+        .expect("order id")
+}
+
+/// A client keeping cookies by name (paths are ignored: every cookie goes everywhere, which
+/// the gateway must tolerate), sending `Accept` for HTML or JSON, and optional extra headers.
+#[derive(Clone, Default)]
+pub struct Jar {
+    /// Cookie name → value.
+    pub cookies: std::collections::BTreeMap<String, String>,
+    /// Ask for HTML (a browser) rather than JSON.
+    pub html: bool,
+    /// Extra request headers.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Jar {
+    /// A browser-like client.
+    pub fn html() -> Self {
+        Jar {
+            html: true,
+            ..Default::default()
+        }
+    }
+
+    /// A non-browser client.
+    pub fn api() -> Self {
+        Jar::default()
+    }
+
+    /// The `Cookie` header value.
+    pub fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Keeps the cookies of a response (`Max-Age=0` deletes).
+    pub fn store(&mut self, headers: &HeaderMap) {
+        for v in headers.get_all("set-cookie") {
+            let Ok(s) = v.to_str() else { continue };
+            let Ok(c) = cookie::Cookie::parse(s.to_owned()) else {
+                continue;
+            };
+            if c.max_age() == Some(cookie::time::Duration::ZERO) {
+                self.cookies.remove(c.name());
+            } else {
+                self.cookies
+                    .insert(c.name().to_owned(), c.value().to_owned());
+            }
+        }
+    }
+
+    /// The request this client would send for `url`.
+    pub fn request(&self, url: &str) -> Request<Full<Bytes>> {
+        let mut req = Request::get(url).header(
+            "accept",
+            if self.html {
+                "text/html,application/xhtml+xml,*/*;q=0.8"
+            } else {
+                "application/json"
+            },
+        );
+        if !self.cookies.is_empty() {
+            req = req.header("cookie", self.cookie_header());
+        }
+        for (k, v) in &self.extra {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        req.body(Full::new(Bytes::new())).expect("request")
+    }
+
+    /// `GET url` through `client`, keeping the cookies of the answer.
+    pub async fn get_with(
+        &mut self,
+        client: &Client<HttpConnector, Full<Bytes>>,
+        url: &str,
+    ) -> TestResponse {
+        let resp = send(client, self.request(url)).await;
+        self.store(&resp.headers);
+        resp
+    }
+
+    /// `GET url` on a fresh connection.
+    pub async fn get(&mut self, url: &str) -> TestResponse {
+        self.get_with(&client(), url).await
+    }
+}
+
+/// Buys `path` at the gateway `gw` (base `http://gw`) with a non-browser client through the
+/// sandbox at `sandbox`; returns the paid client and the session id the merchant saw.
+pub async fn buy_api(gw: SocketAddr, sandbox: &url::Url, path: &str) -> (Jar, String) {
+    let mut c = Jar::api();
+    let url = format!("http://{gw}{path}");
+    let r = c.get(&url).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.text());
+    let body: serde_json::Value = serde_json::from_slice(&r.body).expect("402 json");
+    let status_url = body["order_status_url"].as_str().expect("status url");
+    let session = query_param(status_url, "session_id").expect("session_id");
+    sandbox_pay(sandbox, &order_id_of(status_url), &session).await;
+    let r = c.get(&url).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    (c, session)
+}
+
+/// What a [`FakeMerchant`] answers: status and JSON body, given the method and the target
+/// (path and query) of the request.
+pub type MerchantAnswer = Arc<dyn Fn(&Method, &str) -> (u16, String) + Send + Sync>;
+
+/// A scripted merchant backend: answers every request with a closure and records each
+/// request's target, so tests can play a misbehaving or malicious backend.
+pub struct FakeMerchant {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    targets: Arc<Mutex<Vec<String>>>,
+    answer: Arc<Mutex<MerchantAnswer>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeMerchant {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeMerchant {
+    /// Starts a fake merchant answering with `answer`.
+    pub async fn start(answer: MerchantAnswer) -> FakeMerchant {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let targets = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(Mutex::new(answer));
+        let (t, a) = (targets.clone(), answer.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (t, a) = (t.clone(), a.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let target = req
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.as_str().to_owned())
+                            .unwrap_or_default();
+                        t.lock().expect("targets").push(target.clone());
+                        let f = a.lock().expect("answer").clone();
+                        let (status, body) = f(req.method(), &target);
+                        let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeMerchant {
+            addr,
+            targets,
+            answer,
+            task,
+        }
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Replaces the answer.
+    pub fn set_answer(&self, answer: MerchantAnswer) {
+        *self.answer.lock().expect("answer") = answer;
+    }
+
+    /// Every request target received so far.
+    pub fn targets(&self) -> Vec<String> {
+        self.targets.lock().expect("targets").clone()
+    }
+
+    /// Every `session_id` query value received so far.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.targets()
+            .iter()
+            .filter_map(|t| query_param(&format!("http://x{t}"), "session_id"))
+            .collect()
+    }
+}
+
+/// A raw TCP origin: reads one request head per connection and answers with the bytes
+/// `answer` returns for its target (`None`: never answer, keep the connection open), then
+/// closes the connection. For origins that break HTTP in ways hyper would refuse to.
+pub struct RawOrigin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    targets: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawOrigin {
+    /// Starts the origin.
+    pub async fn start(answer: fn(&str) -> Option<Vec<u8>>) -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let targets = Arc::new(Mutex::new(Vec::new()));
+        let t = targets.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let target = text.split(' ').nth(1).unwrap_or("").to_owned();
+                    t.lock().expect("targets").push(target.clone());
+                    match answer(&target) {
+                        Some(bytes) => {
+                            let _ = stream.write_all(&bytes).await;
+                            let _ = stream.flush().await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                });
+            }
+        });
+        RawOrigin {
+            addr,
+            targets,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request target received so far.
+    pub fn targets(&self) -> Vec<String> {
+        self.targets.lock().expect("targets").clone()
+    }
+}
+
+/// Splits a raw HTTP/1.1 byte stream of several responses into their status codes.
+pub fn raw_statuses(response: &str) -> Vec<u16> {
+    response
+        .match_indices("HTTP/1.")
+        .filter_map(|(i, _)| {
+            let rest = response.get(i + 8..)?;
+            let code = rest.strip_prefix(' ')?.get(..3)?;
+            let after = rest.get(4..5)?;
+            (after == " " || after == "\r").then(|| code.parse().ok())?
+        })
+        .collect()
+}
+
+/// A shop for the hardening suites: a recording echo origin, the sandbox merchant and an
+/// in-process gateway with [`shop_config`].
+pub struct SandboxShop {
+    /// The origin.
+    pub origin: TestOrigin,
+    /// The merchant backend.
+    pub sandbox: taler_paywall::sandbox::Sandbox,
+    /// The gateway (taken by [`SandboxShop::shutdown`]).
+    pub gateway: Option<RunningGateway>,
+    /// Where the gateway listens.
+    pub addr: SocketAddr,
+}
+
+impl SandboxShop {
+    /// Starts a shop with `recheck_interval = recheck` and `extra` tables (every client is
+    /// 127.0.0.1: pass `[limits] orders_per_minute = 0` unless the limit is under test).
+    pub async fn start(recheck: &str, extra: &str) -> SandboxShop {
+        let origin = TestOrigin::echo().await;
+        let sandbox = start_sandbox().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let text = shop_config(
+            addr,
+            &origin.url(),
+            sandbox.base_url().as_str(),
+            recheck,
+            extra,
+        );
+        let gateway = start_gateway_on(&text, listener).await;
+        SandboxShop {
+            origin,
+            sandbox,
+            gateway: Some(gateway),
+            addr,
+        }
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Targets of origin requests under a protected prefix (any case).
+    pub fn protected_hits(&self) -> Vec<String> {
+        self.origin
+            .requests()
+            .into_iter()
+            .map(|r| r.target)
+            .filter(|t| {
+                let t = t.to_ascii_lowercase();
+                t.starts_with("/articles") || t.starts_with("/premium")
+            })
+            .collect()
+    }
+
+    /// Stops the gateway (checking it ended cleanly) and the sandbox.
+    pub async fn shutdown(mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await.expect("gateway ends cleanly");
+        }
+        self.sandbox.shutdown().await;
+    }
+}
