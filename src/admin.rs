@@ -124,9 +124,7 @@ fn spawn_readiness_task(
         let mut was: Option<bool> = None;
         loop {
             let app = gateway.app();
-            let result = check(&app)
-                .await
-                .map_err(|e| e.replace(['\n', '\r'], " "));
+            let result = check(&app).await.map_err(|e| e.replace(['\n', '\r'], " "));
             drop(app);
             let ok = result.is_ok();
             match (&result, was) {
@@ -358,7 +356,9 @@ impl Reloader {
         let protected = app.policy.routes().len();
         self.gateway.replace_app(app);
         if observe {
-            warn!("observe mode: the gateway is NOT enforcing payments; every request is let through");
+            warn!(
+                "observe mode: the gateway is NOT enforcing payments; every request is let through"
+            );
         }
         info!(protected, "configuration reloaded");
         true
@@ -379,14 +379,34 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         out.push("server.tls (turning TLS on or off)");
     }
     let limits = [
-        (o.header_read_timeout != n.header_read_timeout, "server.header_read_timeout"),
-        (o.max_header_bytes != n.max_header_bytes, "server.max_header_bytes"),
+        (
+            o.header_read_timeout != n.header_read_timeout,
+            "server.header_read_timeout",
+        ),
+        (
+            o.max_header_bytes != n.max_header_bytes,
+            "server.max_header_bytes",
+        ),
         (o.idle_timeout != n.idle_timeout, "server.idle_timeout"),
-        (o.request_timeout != n.request_timeout, "server.request_timeout"),
-        (o.shutdown_grace != n.shutdown_grace, "server.shutdown_grace"),
-        (o.max_connections != n.max_connections, "server.max_connections"),
+        (
+            o.request_timeout != n.request_timeout,
+            "server.request_timeout",
+        ),
+        (
+            o.shutdown_grace != n.shutdown_grace,
+            "server.shutdown_grace",
+        ),
+        (
+            o.max_connections != n.max_connections,
+            "server.max_connections",
+        ),
     ];
-    out.extend(limits.iter().filter(|(changed, _)| *changed).map(|(_, k)| *k));
+    out.extend(
+        limits
+            .iter()
+            .filter(|(changed, _)| *changed)
+            .map(|(_, k)| *k),
+    );
     out
 }
 
@@ -396,7 +416,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// # Errors
 /// One line: a bad URL, no answer in time, a connection error, or another status.
 pub async fn healthcheck(url: &str, timeout: Duration) -> anyhow::Result<()> {
-    let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url:?}"))?;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("invalid URL {url:?}"))?;
     if uri.scheme_str() != Some("http") {
         anyhow::bail!("{url}: only http:// URLs are supported (the admin listener is plain HTTP)");
     }

@@ -395,7 +395,9 @@ impl Gateway {
                 app.metrics.request(RequestOutcome::Paid);
                 Ok(resp)
             }
-            PaymentOutcome::Respond { response, kind } if app.config.server.mode == Mode::Observe => {
+            PaymentOutcome::Respond { response, kind }
+                if app.config.server.mode == Mode::Observe =>
+            {
                 // Observe mode: the decision is logged and counted, the request goes through
                 // as if unprotected (the gateway's cookies are neither forwarded nor set).
                 let status = response.status().as_u16();
@@ -470,7 +472,9 @@ impl server::Handler for Gateway {
 /// How a failed request is counted: its outcome and, for origin failures, the kind.
 fn error_metrics(err: &GatewayError) -> (RequestOutcome, Option<OriginErrorKind>) {
     match err {
-        GatewayError::BadRequest(_) | GatewayError::BadPath(_) => (RequestOutcome::BadRequest, None),
+        GatewayError::BadRequest(_) | GatewayError::BadPath(_) => {
+            (RequestOutcome::BadRequest, None)
+        }
         GatewayError::Proxy(p) => match p {
             ProxyError::Unreachable(_) => (
                 RequestOutcome::OriginError,

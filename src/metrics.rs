@@ -113,7 +113,11 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 3] = [Endpoint::Config, Endpoint::CreateOrder, Endpoint::OrderStatus];
+    const ALL: [Endpoint; 3] = [
+        Endpoint::Config,
+        Endpoint::CreateOrder,
+        Endpoint::OrderStatus,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -268,11 +272,7 @@ impl Metrics {
         let requests_family = Family::<OutcomeLabels, Counter>::default();
         let requests = RequestOutcome::ALL
             .iter()
-            .map(|o| {
-                requests_family.get_or_create_owned(&OutcomeLabels {
-                    outcome: o.label(),
-                })
-            })
+            .map(|o| requests_family.get_or_create_owned(&OutcomeLabels { outcome: o.label() }))
             .collect();
         registry.register(
             "requests",
