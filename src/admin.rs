@@ -249,14 +249,22 @@ impl Operator {
                 }
             }));
         }
-        let reloader = Reloader {
-            gateway: setup.gateway,
-            metrics: setup.metrics,
-            readiness,
-            config_path: setup.config_path,
-            cert_store: setup.cert_store,
-        };
-        tasks.push(tokio::spawn(reloader.run(stopped)));
+        // Installed here, before any request is served, so that an early SIGHUP is never
+        // taken with the default action (terminating the process).
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(hup) => {
+                let reloader = Reloader {
+                    gateway: setup.gateway,
+                    metrics: setup.metrics,
+                    readiness,
+                    config_path: setup.config_path,
+                    cert_store: setup.cert_store,
+                };
+                tasks.push(tokio::spawn(reloader.run(hup, stopped)));
+            }
+            Err(e) => warn!(error = %e, "cannot install the SIGHUP handler; reloading is off"),
+        }
         Operator { stop, tasks }
     }
 
@@ -278,15 +286,7 @@ struct Reloader {
 }
 
 impl Reloader {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot install the SIGHUP handler; reloading is off");
-                return;
-            }
-        };
+    async fn run(self, mut hup: tokio::signal::unix::Signal, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 got = hup.recv() => {
