@@ -318,7 +318,7 @@ impl Reloader {
         let config = match loaded {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                // `ConfigError` never quotes values from the file, so no secret is logged.
+                // `ConfigError` never quotes secret values (see `config.rs`), so this is safe to log.
                 error!(problems = %e, "reload failed: the configuration is invalid; keeping the running configuration");
                 return false;
             }

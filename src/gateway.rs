@@ -668,7 +668,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     };
     info!(
         listen = %listen,
-        admin = ?admin_listen,
+        admin = admin_listen.map(|a| a.to_string()).as_deref().unwrap_or("none"),
         tls = opts.tls.is_some(),
         origin = %app.config.origin.url,
         protected = app.policy.routes().len(),

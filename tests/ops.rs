@@ -491,6 +491,21 @@ async fn sighup_reloads_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
         );
         assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file");
 
+        // A secret that is itself invalid (too short) is named, not quoted.
+        bin.write_config(&good.replace(SECRET, "short-ops-shh"));
+        bin.hup();
+        bin.wait_for_log("reload failed", 2).await;
+        let log = bin.stderr();
+        assert!(log.contains("session.secret"), "{log}");
+        assert!(
+            !log.contains("short-ops-shh"),
+            "the invalid secret was logged: {log}"
+        );
+        assert_eq!(
+            api("/news/today").await.status,
+            StatusCode::PAYMENT_REQUIRED
+        );
+
         let m = bin.metrics().await;
         assert_eq!(
             sample(&m, "taler_paywall_config_reloads_total{result=\"ok\"}"),
@@ -498,7 +513,7 @@ async fn sighup_reloads_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
         );
         assert_eq!(
             sample(&m, "taler_paywall_config_reloads_total{result=\"failed\"}"),
-            Some(1.0)
+            Some(2.0)
         );
         sandbox.shutdown().await;
     })
