@@ -38,14 +38,14 @@ RUN apt-get update \
 COPY --from=build /out/taler-paywall /usr/local/bin/taler-paywall
 COPY gateway.toml.example /etc/taler-paywall/gateway.toml.example
 ENV TALER_PAYWALL_CONFIG=/etc/taler-paywall/gateway.toml \
-    HEALTHCHECK_ADMIN_PORT=9090
+    TALER_PAYWALL_HEALTHCHECK_URL=http://127.0.0.1:9090/healthz
 USER 10001:10001
 EXPOSE 8080
 # GET /healthz on the admin listener ([admin] listen = "127.0.0.1:9090" in the config; set
-# HEALTHCHECK_ADMIN_PORT for another port). The image has no curl, so bash's /dev/tcp sends
-# the request and the status line is checked; without an [admin] table the container is
-# reported unhealthy.
+# TALER_PAYWALL_HEALTHCHECK_URL for another address). `taler-paywall healthcheck` exits 0 on a
+# 200 and 1 otherwise, so the image needs no curl or shell; without an [admin] table the
+# container is reported unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["bash", "-c", "exec 3<>\"/dev/tcp/127.0.0.1/${HEALTHCHECK_ADMIN_PORT}\" && printf 'GET /healthz HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && read -r -t 4 _ status _ <&3 && [ \"$status\" = 200 ]"]
+    CMD ["/usr/local/bin/taler-paywall", "healthcheck", "--timeout", "4s"]
 ENTRYPOINT ["/usr/local/bin/taler-paywall"]
 CMD ["serve"]

@@ -6,14 +6,61 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-/// Sets up `tracing` to stderr. `RUST_LOG` overrides the default level (`info`).
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the span fields (the request id) included.
+    Json,
+}
+
+/// Sets up `tracing` to stderr at the default level (`info`), as text.
 pub fn init_logging() {
+    init_logging_with(LogFormat::Text, "info");
+}
+
+/// Sets up `tracing` to stderr. `RUST_LOG`, when set, overrides `level`. ANSI colours are
+/// used only when stderr is a terminal (never in files or journald).
+pub fn init_logging_with(format: LogFormat, level: &str) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|e| {
+            eprintln!("taler-paywall: invalid --log-level {level:?} ({e}); using info");
+            tracing_subscriber::EnvFilter::new("info")
+        });
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// `taler-paywall healthcheck`: exit 0 when `url` answers 200 within `timeout`, else 1 with
+/// a one-line reason on stderr.
+pub fn healthcheck(url: &str, timeout: std::time::Duration) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(crate::admin::healthcheck(url, timeout)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taler-paywall healthcheck: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `taler-paywall check`: prints every problem, one per line, and returns 1 if there are any.

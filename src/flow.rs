@@ -25,6 +25,7 @@ use url::Url;
 use crate::body::{full, Body};
 use crate::config::{Config, Scope};
 use crate::merchant::{MerchantClient, NewOrder};
+use crate::metrics::{Endpoint, GrantSource, Metrics};
 use crate::pages;
 use crate::path::{normalize, NormalizedPath};
 use crate::payment::{grant_is_fresh, Action, FailKind, PaymentFlow, Visit};
@@ -86,6 +87,7 @@ pub struct PaymentGate {
     memory: Mutex<HashMap<TurnKey, Remembered>>,
     turns: Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>,
     limiter: OrderLimiter,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for PaymentGate {
@@ -144,7 +146,14 @@ impl PaymentGate {
             memory: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             limiter: OrderLimiter::new(config.limits.orders_per_minute, config.limits.orders_burst),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// Counts merchant calls and grant hits into `metrics` instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The merchant client (for readiness checks).
@@ -162,11 +171,12 @@ impl PaymentGate {
         &self,
         currencies: impl IntoIterator<Item = &'a str>,
     ) -> Result<crate::merchant::BackendInfo, String> {
-        let info = self
-            .merchant
-            .config()
-            .await
-            .map_err(|e| format!("merchant backend {}: {e}", self.merchant.base_url()))?;
+        let started = std::time::Instant::now();
+        let result = self.merchant.config().await;
+        self.metrics
+            .merchant_call(Endpoint::Config, result.as_ref().err(), started.elapsed());
+        let info =
+            result.map_err(|e| format!("merchant backend {}: {e}", self.merchant.base_url()))?;
         let problems = info.compatibility_problems(currencies);
         if problems.is_empty() {
             Ok(info)
@@ -272,6 +282,12 @@ impl PaymentGate {
         let cookie_path = session::cookie_path(&self.cookies, resource, &route.prefix);
         let fulfillment_url = self.fulfillment_url(resource);
         let from_cookie = jar.order(&self.keys, &session.id, resource);
+        // `pick` prefers a fresh cookie grant; a grant used without a merchant call came
+        // from the cookie when that was fresh, else from memory (for the metrics).
+        let cookie_fresh = from_cookie.as_ref().is_some_and(|o| {
+            o.verified_at
+                .is_some_and(|v| grant_is_fresh(v, now, self.recheck))
+        });
         let remembered = self.recall(&session.id, resource);
         // Prefer whichever knows more: a fresh grant anywhere wins; otherwise the cookie.
         let known = pick(from_cookie, remembered, now, self.recheck);
@@ -299,17 +315,29 @@ impl PaymentGate {
                         fulfillment_url: &fulfillment_url,
                         refund_delay: self.refund_delay,
                     };
+                    let started = std::time::Instant::now();
                     let result = self.merchant.create_order(&order).await;
+                    self.metrics.merchant_call(
+                        Endpoint::CreateOrder,
+                        result.as_ref().err(),
+                        started.elapsed(),
+                    );
                     if let Err(e) = &result {
                         tracing::warn!(cause = %e, "merchant: creating an order failed");
                     }
                     flow.on_created(result.map_err(|e| e.failure()))
                 }
                 Action::CheckStatus { order_id } => {
+                    let started = std::time::Instant::now();
                     let result = self
                         .merchant
                         .order_status(&order_id, session.id.as_str())
                         .await;
+                    self.metrics.merchant_call(
+                        Endpoint::OrderStatus,
+                        result.as_ref().err(),
+                        started.elapsed(),
+                    );
                     if let Err(e) = &result {
                         if e.failure() != crate::payment::Failure::OrderUnknown {
                             tracing::warn!(cause = %e, "merchant: order status failed");
@@ -335,7 +363,14 @@ impl PaymentGate {
                             self.remember(&session.id, resource, &fresh, now);
                             Some(order_id)
                         }
-                        None => known.as_ref().map(|o| o.order_id.clone()),
+                        None => {
+                            self.metrics.grant_hit(if cookie_fresh {
+                                GrantSource::Cookie
+                            } else {
+                                GrantSource::Memory
+                            });
+                            known.as_ref().map(|o| o.order_id.clone())
+                        }
                     };
                     // Prefix scope: after paying at the prefix's fulfillment URL, continue to
                     // the page that was asked for.

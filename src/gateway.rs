@@ -28,8 +28,9 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument as _};
 
 use crate::body::{Body, BoxError};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::flow::{Outcome as PaymentOutcome, PaymentGate};
+use crate::metrics::{Metrics, OriginErrorKind, RequestOutcome};
 use crate::pages;
 use crate::path::{self, NormalizedPath, PathError};
 use crate::policy::{Policy, ProtectedRoute};
@@ -38,8 +39,8 @@ use crate::server::{self, ConnInfo, ServerOptions};
 use crate::session;
 
 /// Everything built once at startup and shared by all requests. It never changes while
-/// requests run; a reload (issue 6) will build a new `App` and swap the pointer in
-/// [`Gateway`].
+/// requests run; a reload (SIGHUP) builds a new `App` and swaps the pointer in [`Gateway`],
+/// so in-flight requests finish on the snapshot they started with.
 #[derive(Debug)]
 pub struct App {
     /// The validated configuration.
@@ -53,6 +54,8 @@ pub struct App {
     pub gateway_cookie_prefixes: Vec<String>,
     /// The payment side: merchant client, cookie keys, per-process grant table and limits.
     pub payment: PaymentGate,
+    /// The process's metrics (shared by the `App`s a process builds across reloads).
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -61,9 +64,17 @@ impl App {
     /// # Errors
     /// The origin or merchant client cannot be set up (e.g. an unusable `ca_file`).
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        Self::with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    /// Like [`App::new`], counting into `metrics` (kept across reloads).
+    ///
+    /// # Errors
+    /// As [`App::new`].
+    pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let policy = Policy::new(config.protect_rules());
         let origin = OriginClient::new(&config)?;
-        let payment = PaymentGate::new(&config)?;
+        let payment = PaymentGate::new(&config)?.with_metrics(metrics.clone());
         Ok(App {
             config: Arc::new(config),
             policy,
@@ -73,6 +84,7 @@ impl App {
                 format!("__Host-{}", session::COOKIE_PREFIX),
             ],
             payment,
+            metrics,
         })
     }
 
@@ -208,9 +220,12 @@ impl GatewayError {
 }
 
 /// The request pipeline. Implements [`server::Handler`].
+///
+/// The current [`App`] sits in an [`arc_swap::ArcSwap`]: each request takes one snapshot
+/// (an `Arc` clone, lock-free) and a reload stores a new one without ever blocking readers.
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    app: Arc<App>,
+    app: Arc<arc_swap::ArcSwap<App>>,
 }
 
 /// What the log line of a request needs from the inner steps.
@@ -223,12 +238,19 @@ struct Outcome {
 impl Gateway {
     /// A gateway running against `app`.
     pub fn new(app: Arc<App>) -> Self {
-        Gateway { app }
+        Gateway {
+            app: Arc::new(arc_swap::ArcSwap::new(app)),
+        }
     }
 
-    /// The shared state.
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    /// The shared state new requests run against.
+    pub fn app(&self) -> Arc<App> {
+        self.app.load_full()
+    }
+
+    /// Makes `app` the state of every request that starts from now on (reload).
+    pub fn replace_app(&self, app: Arc<App>) {
+        self.app.store(app);
     }
 
     /// Answers one request. Never fails: errors become pages chosen by `Accept`. Generic over
@@ -240,7 +262,8 @@ impl Gateway {
     {
         let started = Instant::now();
         // One snapshot of the shared state for the whole request.
-        let app: &App = &self.app;
+        let snapshot = self.app.load_full();
+        let app: &App = &snapshot;
         let peer_trusted = app.trusts(conn.peer.ip());
         let ctx = RequestContext {
             app,
@@ -251,7 +274,9 @@ impl Gateway {
         };
         let method = req.method().clone();
         let version = req.version();
-        let span = tracing::info_span!("request", id = ?ctx.request_id);
+        // Request ids are plain ASCII (see `assign_request_id`): logged unquoted.
+        let rid = ctx.request_id.to_str().unwrap_or("-");
+        let span = tracing::info_span!("request", id = rid);
         let mut outcome = Outcome::default();
         let result = self
             .handle_inner(req, &ctx, &mut outcome)
@@ -259,10 +284,22 @@ impl Gateway {
             .await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let path = outcome.path.as_ref().map_or("-", NormalizedPath::as_str);
+        match &result {
+            // Protected requests are counted where the payment decision is made.
+            Ok(_) if !outcome.protected => app.metrics.request(RequestOutcome::Proxied),
+            Ok(_) => {}
+            Err(err) => {
+                let (counted, origin) = error_metrics(err);
+                app.metrics.request(counted);
+                if let Some(kind) = origin {
+                    app.metrics.origin_error(kind);
+                }
+            }
+        }
         match result {
             Ok(resp) => {
                 info!(
-                    id = ?ctx.request_id,
+                    id = rid,
                     peer = %conn.peer,
                     %method,
                     path,
@@ -278,11 +315,11 @@ impl Gateway {
                 let status = err.status();
                 let cause = ErrorChain(&err);
                 if status.is_server_error() {
-                    warn!(id = ?ctx.request_id, peer = %conn.peer, %method, path,
+                    warn!(id = rid, peer = %conn.peer, %method, path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request failed");
                 } else {
-                    info!(id = ?ctx.request_id, peer = %conn.peer, %method, path,
+                    info!(id = rid, peer = %conn.peer, %method, path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }
@@ -363,9 +400,31 @@ impl Gateway {
                 for c in set_cookies {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
+                app.metrics.request(RequestOutcome::Paid);
                 Ok(resp)
             }
-            PaymentOutcome::Respond { response, .. } => Ok(response),
+            PaymentOutcome::Respond { response, kind }
+                if app.config.server.mode == Mode::Observe =>
+            {
+                // Observe mode: the decision is logged and counted, the request goes through
+                // as if unprotected (the gateway's cookies are neither forwarded nor set).
+                let status = response.status().as_u16();
+                info!(path = path.as_str(), decision = ?kind, status,
+                    "observe mode: would have answered {status}");
+                drop(response);
+                let mut resp = app
+                    .origin
+                    .forward(req, path, &ctx.forward_context())
+                    .await?;
+                make_private(resp.headers_mut());
+                app.metrics.observe_forwarded();
+                app.metrics.request(kind.into());
+                Ok(resp)
+            }
+            PaymentOutcome::Respond { response, kind } => {
+                app.metrics.request(kind.into());
+                Ok(response)
+            }
         }
     }
 }
@@ -415,6 +474,30 @@ impl server::Handler for Gateway {
         conn: ConnInfo,
     ) -> impl std::future::Future<Output = Response<Body>> + Send {
         self.handle(req, conn)
+    }
+}
+
+/// How a failed request is counted: its outcome and, for origin failures, the kind.
+fn error_metrics(err: &GatewayError) -> (RequestOutcome, Option<OriginErrorKind>) {
+    match err {
+        GatewayError::BadRequest(_) | GatewayError::BadPath(_) => {
+            (RequestOutcome::BadRequest, None)
+        }
+        GatewayError::Proxy(p) => match p {
+            ProxyError::Unreachable(_) => (
+                RequestOutcome::OriginError,
+                Some(OriginErrorKind::Unreachable),
+            ),
+            ProxyError::ConnectTimeout(_) => (
+                RequestOutcome::OriginError,
+                Some(OriginErrorKind::ConnectTimeout),
+            ),
+            ProxyError::Timeout(_) => (RequestOutcome::OriginError, Some(OriginErrorKind::Timeout)),
+            ProxyError::Origin(_) => (RequestOutcome::OriginError, Some(OriginErrorKind::Broken)),
+            ProxyError::BodyTooLarge(_) => (RequestOutcome::BadRequest, None),
+            ProxyError::Build(_) => (RequestOutcome::InternalError, None),
+        },
+        GatewayError::Internal(_) => (RequestOutcome::InternalError, None),
     }
 }
 
@@ -603,29 +686,53 @@ pub async fn spawn_app(app: Arc<App>, listener: TcpListener) -> anyhow::Result<R
     })
 }
 
-/// `taler-paywall serve`: binds `server.listen` and serves until SIGTERM or SIGINT, then
-/// drains. `config_path` is where the configuration came from (for reloading it later).
+/// `taler-paywall serve`: binds `server.listen` (and `[admin] listen`) and serves until
+/// SIGTERM or SIGINT, then drains. `config_path` is where the configuration came from: SIGHUP
+/// reloads it (see [`crate::admin`]).
 ///
 /// # Errors
-/// A one-line reason if the gateway cannot start: the port is in use, the TLS files or the
+/// A one-line reason if the gateway cannot start: a port is in use, the TLS files or the
 /// origin client cannot be set up.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let _ = config_path;
+    let metrics = Arc::new(Metrics::new());
     let listen = config.server.listen;
-    let opts = ServerOptions::from_config(&config.server)?;
-    let app = App::new(config)?;
+    let admin_listen = config.admin.as_ref().map(|a| a.listen);
+    let mut opts = ServerOptions::from_config(&config.server)?;
+    opts.open_connections = Some(metrics.open_connections());
+    let app = App::with_metrics(config, metrics.clone())?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let admin_listener = match admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (admin)"))?,
+        ),
+        None => None,
+    };
     info!(
         listen = %listen,
+        admin = admin_listen.map(|a| a.to_string()).as_deref().unwrap_or("none"),
         tls = opts.tls.is_some(),
         origin = %app.config.origin.url,
         protected = app.policy.routes().len(),
         "taler-paywall listening"
     );
+    if app.config.server.mode == Mode::Observe {
+        warn!("observe mode: the gateway is NOT enforcing payments; every request is let through");
+    }
     let gateway = Arc::new(Gateway::new(Arc::new(app)));
-    server::run(listener, gateway, opts, server::shutdown_signal()).await?;
+    let operator = crate::admin::Operator::start(crate::admin::OperatorSetup {
+        gateway: gateway.clone(),
+        metrics,
+        admin_listener,
+        config_path,
+        cert_store: opts.cert_store.clone(),
+    });
+    let result = server::run(listener, gateway, opts, server::shutdown_signal()).await;
+    operator.stop().await;
+    result?;
     info!("taler-paywall stopped");
     Ok(())
 }

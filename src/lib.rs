@@ -29,10 +29,13 @@
 //! - [`tls`]: verified TLS client configuration for origin and merchant.
 //! - [`sandbox`]: the built-in sandbox merchant backend and wallet.
 //! - [`demo`]: `taler-paywall demo`, a sample site, the sandbox and the gateway.
+//! - [`metrics`]: the Prometheus counters, gauges and histograms.
+//! - [`admin`]: the operator listener (health, readiness, metrics), SIGHUP reload, healthcheck.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod amount;
 pub mod body;
 pub mod cli;
@@ -42,6 +45,7 @@ pub mod flow;
 pub mod forward_auth;
 pub mod gateway;
 pub mod merchant;
+pub mod metrics;
 pub mod pages;
 pub mod path;
 pub mod payment;

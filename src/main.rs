@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use taler_paywall::cli::LogFormat;
 
 /// A reverse-proxy paywall gateway for GNU Taler.
 #[derive(Parser)]
@@ -22,6 +23,26 @@ enum Command {
         /// The configuration file.
         #[arg(long, env = "TALER_PAYWALL_CONFIG")]
         config: PathBuf,
+        /// Log line format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Log level or filter (`error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`
+        /// style filter); `RUST_LOG`, when set, overrides it.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Exit 0 if URL answers 200 within the timeout, else 1 (a container health check).
+    Healthcheck {
+        /// The URL to ask (plain http://), e.g. the admin listener's /healthz.
+        #[arg(
+            long,
+            env = "TALER_PAYWALL_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:9090/healthz"
+        )]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Validate a configuration file and exit (0 valid, 1 invalid).
     Check {
@@ -56,9 +77,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => return taler_paywall::cli::check(&config),
-        Command::Serve { config } => {
-            taler_paywall::cli::init_logging();
+        Command::Serve {
+            config,
+            log_format,
+            log_level,
+        } => {
+            taler_paywall::cli::init_logging_with(log_format, &log_level);
             taler_paywall::cli::serve(&config)
+        }
+        Command::Healthcheck { url, timeout } => {
+            return taler_paywall::cli::healthcheck(&url, timeout)
         }
         Command::Demo { port } => {
             taler_paywall::cli::init_logging();

@@ -92,6 +92,11 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Terminate TLS with this configuration; `None` for plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// When `tls` was built by [`ServerOptions::from_config`]: the certificate it presents,
+    /// which [`CertStore::reload`] replaces for new connections.
+    pub cert_store: Option<Arc<CertStore>>,
+    /// Raised while a client connection is open (the `open_connections` metric).
+    pub open_connections: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -104,6 +109,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls.is_some())
+            .field("open_connections", &self.open_connections.is_some())
             .finish()
     }
 }
@@ -118,6 +124,8 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             max_connections: 10_000,
             tls: None,
+            cert_store: None,
+            open_connections: None,
         }
     }
 }
@@ -129,9 +137,12 @@ impl ServerOptions {
     /// # Errors
     /// The certificate or key file cannot be read or parsed, or rustls rejects them.
     pub fn from_config(server: &ServerConfig) -> anyhow::Result<Self> {
-        let tls = match &server.tls {
-            None => None,
-            Some(t) => Some(Arc::new(load_tls(&t.cert_file, &t.key_file)?)),
+        let (tls, cert_store) = match &server.tls {
+            None => (None, None),
+            Some(t) => {
+                let store = Arc::new(CertStore::load(&t.cert_file, &t.key_file)?);
+                (Some(Arc::new(store.server_config()?)), Some(store))
+            }
         };
         Ok(ServerOptions {
             header_read_timeout: server.header_read_timeout,
@@ -141,8 +152,81 @@ impl ServerOptions {
             shutdown_grace: server.shutdown_grace,
             max_connections: server.max_connections.max(1),
             tls,
+            cert_store,
+            open_connections: None,
         })
     }
+}
+
+/// The certificate chain and key the TLS listener presents, swappable while it runs: the
+/// rustls configuration asks this store on every handshake, so a [`CertStore::reload`]
+/// takes effect for new connections while established ones keep theirs.
+#[derive(Debug)]
+pub struct CertStore {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl CertStore {
+    /// Reads the PEM files.
+    ///
+    /// # Errors
+    /// As [`load_tls`].
+    pub fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<Self> {
+        Ok(CertStore {
+            current: arc_swap::ArcSwap::from_pointee(load_certified_key(cert_file, key_file)?),
+        })
+    }
+
+    /// Re-reads the PEM files and presents them to new connections. On error the current
+    /// certificate stays.
+    ///
+    /// # Errors
+    /// As [`load_tls`].
+    pub fn reload(&self, cert_file: &Path, key_file: &Path) -> anyhow::Result<()> {
+        self.current
+            .store(Arc::new(load_certified_key(cert_file, key_file)?));
+        Ok(())
+    }
+
+    /// A rustls configuration (ALPN `h2`, `http/1.1`) presenting this store's certificate.
+    ///
+    /// # Errors
+    /// rustls rejects the protocol versions (does not happen with the built-in provider).
+    pub fn server_config(self: &Arc<Self>) -> anyhow::Result<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Reads a PEM chain and key and checks that they fit together.
+fn load_certified_key(
+    cert_file: &Path,
+    key_file: &Path,
+) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    let (certs, key) = read_pem(cert_file, key_file)?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider).with_context(|| {
+        format!(
+            "{} / {}: certificate and key do not fit",
+            cert_file.display(),
+            key_file.display()
+        )
+    })
 }
 
 /// Reads a PEM certificate chain and private key into a rustls server configuration.
@@ -150,19 +234,7 @@ impl ServerOptions {
 /// # Errors
 /// Unreadable files, no certificate, no key, or a key that does not fit the certificate.
 pub fn load_tls(cert_file: &Path, key_file: &Path) -> anyhow::Result<rustls::ServerConfig> {
-    let cert_pem =
-        std::fs::read(cert_file).with_context(|| format!("cannot read {}", cert_file.display()))?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: not a PEM certificate chain", cert_file.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{}: no certificate found", cert_file.display());
-    }
-    let key_pem =
-        std::fs::read(key_file).with_context(|| format!("cannot read {}", key_file.display()))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .with_context(|| format!("{}: not a PEM private key", key_file.display()))?
-        .with_context(|| format!("{}: no private key found", key_file.display()))?;
+    let (certs, key) = read_pem(cert_file, key_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -178,6 +250,28 @@ pub fn load_tls(cert_file: &Path, key_file: &Path) -> anyhow::Result<rustls::Ser
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+type PemPair = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn read_pem(cert_file: &Path, key_file: &Path) -> anyhow::Result<PemPair> {
+    let cert_pem =
+        std::fs::read(cert_file).with_context(|| format!("cannot read {}", cert_file.display()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not a PEM certificate chain", cert_file.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{}: no certificate found", cert_file.display());
+    }
+    let key_pem =
+        std::fs::read(key_file).with_context(|| format!("cannot read {}", key_file.display()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .with_context(|| format!("{}: not a PEM private key", key_file.display()))?
+        .with_context(|| format!("{}: no private key found", key_file.display()))?;
+    Ok((certs, key))
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C). If a signal handler cannot be installed the error
@@ -269,8 +363,10 @@ pub async fn run<H: Handler>(
                 tls: tls.is_some(),
             },
         };
+        let open = opts.open_connections.clone().map(OpenConnection::new);
         conns.spawn(async move {
             conn.serve(stream).await;
+            drop(open);
             drop(permit);
         });
     }
@@ -421,6 +517,23 @@ impl<H: Handler> Conn<H> {
                 }
             }
         }
+    }
+}
+
+/// Holds the open-connections gauge up for as long as the connection task lives (also when
+/// it is dropped at the end of the shutdown grace period).
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
