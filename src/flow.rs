@@ -86,6 +86,7 @@ pub struct PaymentGate {
     memory: Mutex<HashMap<TurnKey, Remembered>>,
     turns: Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>,
     limiter: OrderLimiter,
+    pages: Arc<pages::Pages>,
 }
 
 impl std::fmt::Debug for PaymentGate {
@@ -144,6 +145,7 @@ impl PaymentGate {
             memory: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             limiter: OrderLimiter::new(config.limits.orders_per_minute, config.limits.orders_burst),
+            pages: config.pages.templates.clone(),
         })
     }
 
@@ -218,7 +220,7 @@ impl PaymentGate {
                     // never make the gateway create orders.
                     return if has_cookie_check(query) {
                         self.respond(
-                            pages::cookies_required(html),
+                            self.pages.cookies_required(html),
                             Vec::new(),
                             DenyKind::CookiesRequired,
                         )
@@ -287,7 +289,7 @@ impl PaymentGate {
                 Action::CreateOrder => {
                     if let Err(wait) = self.limiter.try_take(client, now) {
                         tracing::info!(%client, "order creation rate limit reached");
-                        let mut resp = pages::rate_limited(html, wait);
+                        let mut resp = self.pages.rate_limited(html, wait);
                         if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
                             resp.headers_mut().insert(RETRY_AFTER, v);
                         }
@@ -391,7 +393,7 @@ impl PaymentGate {
                             Some(path.as_str()),
                         ));
                     }
-                    let resp = pages::payment_required(
+                    let resp = self.pages.payment_required(
                         html,
                         &pay_uri,
                         &status_url,
@@ -453,12 +455,13 @@ impl PaymentGate {
                     ));
                     self.remember(&session.id, resource, &order, now);
                     let resp =
-                        pages::refunded(html, pending, status_url.as_deref(), &route.summary);
+                        self.pages
+                            .refunded(html, pending, status_url.as_deref(), &route.summary);
                     return self.respond(resp, set_cookies, DenyKind::Refunded);
                 }
                 Action::FailClosed(kind) => {
                     let status = fail_status(kind);
-                    let resp = pages::error(
+                    let resp = self.pages.error(
                         status,
                         "The payment service is not available right now. Please try again later.",
                         html,
