@@ -222,7 +222,7 @@ impl Template {
         let mut parts = Vec::new();
         let mut used = Vec::new();
         let mut rest = src;
-        let line_of = |rest: &str| src[..src.len() - rest.len()].lines().count().max(1);
+        let line_of = |rest: &str| src[..src.len() - rest.len()].matches('\n').count() + 1;
         while let Some(open) = rest.find("{{") {
             if open > 0 {
                 parts.push(Part::Literal(rest[..open].to_owned()));
@@ -699,6 +699,260 @@ mod tests {
             assert_eq!(wants_html(&h), want, "{accept}");
         }
         assert!(!wants_html(&HeaderMap::new()));
+    }
+
+    fn body_text(resp: Response<Body>) -> String {
+        let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
+            resp.into_body(),
+        ))
+        .expect("a full body is ready")
+        .expect("body")
+        .to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    }
+
+    fn price() -> crate::amount::Amount {
+        "KUDOS:0.5".parse().expect("amount")
+    }
+
+    /// Every page of `pages`, rendered as a browser gets it.
+    fn every_page(pages: &Pages) -> Vec<(PageKind, String)> {
+        vec![
+            (
+                PageKind::Error,
+                body_text(pages.error(StatusCode::BAD_GATEWAY, "M<1>", true)),
+            ),
+            (
+                PageKind::PaymentRequired,
+                body_text(pages.payment_required(
+                    true,
+                    "taler://pay/b/O/S?c=T",
+                    "https://b/orders/O?token=T&session_id=S",
+                    "S<2>",
+                    &price(),
+                )),
+            ),
+            (
+                PageKind::Refunded,
+                body_text(pages.refunded(true, false, Some("https://b/o"), "S<3>")),
+            ),
+            (
+                PageKind::RefundPending,
+                body_text(pages.refunded(true, true, Some("https://b/o?a=1&b=2"), "S<4>")),
+            ),
+            (
+                PageKind::CookiesRequired,
+                body_text(pages.cookies_required(true)),
+            ),
+            (
+                PageKind::RateLimited,
+                body_text(pages.rate_limited(true, 42)),
+            ),
+        ]
+    }
+
+    #[test]
+    fn builtin_templates_parse_and_are_self_contained_accessible_documents() {
+        for kind in PageKind::ALL {
+            Template::parse(kind, kind.builtin_source())
+                .unwrap_or_else(|e| panic!("{}: {e}", kind.file_name()));
+        }
+        for (kind, html) in every_page(Pages::builtin()) {
+            let name = kind.file_name();
+            assert!(html.starts_with("<!DOCTYPE html>"), "{name}");
+            assert!(html.contains("<html lang=\"en\">"), "{name}: lang");
+            assert_eq!(html.matches("<h1").count(), 1, "{name}: one h1");
+            assert!(html.contains("<main>"), "{name}: a main landmark");
+            assert!(!html.contains("{{"), "{name}: a placeholder left over");
+            assert!(!html.contains("<script"), "{name}: no JavaScript");
+            for external in [" src=", "<link", "url(", "@import"] {
+                assert!(
+                    !html.contains(external),
+                    "{name}: external resource {external}"
+                );
+            }
+            let title = html
+                .split("<title>")
+                .nth(1)
+                .and_then(|t| t.split("</title>").next());
+            assert!(
+                title.is_some_and(|t| !t.trim().is_empty()),
+                "{name}: a title"
+            );
+        }
+    }
+
+    #[test]
+    fn every_value_is_escaped() {
+        let pages = every_page(Pages::builtin());
+        let text = |k: PageKind| &pages.iter().find(|(kind, _)| *kind == k).unwrap().1;
+        assert!(text(PageKind::Error).contains("M&lt;1&gt;"));
+        assert!(text(PageKind::PaymentRequired).contains("S&lt;2&gt;"));
+        assert!(text(PageKind::PaymentRequired)
+            .contains("href=\"https://b/orders/O?token=T&amp;session_id=S\""));
+        assert!(text(PageKind::Refunded).contains("S&lt;3&gt;"));
+        assert!(text(PageKind::RefundPending).contains("href=\"https://b/o?a=1&amp;b=2\""));
+        for (kind, html) in &pages {
+            assert!(!html.contains("<1>") && !html.contains("<2>"), "{kind:?}");
+        }
+        // A quote cannot end the attribute it is placed in.
+        let r = Pages::builtin().payment_required(
+            true,
+            "taler://pay/b/O/S",
+            "https://b/o?x=\"><script>",
+            "s",
+            &price(),
+        );
+        let html = body_text(r);
+        assert!(html.contains("x=&quot;&gt;&lt;script&gt;"));
+        assert!(!html.contains("<script"));
+    }
+
+    #[test]
+    fn payment_page_links_to_status_page_and_wallet_with_a_labelled_qr_code() {
+        let r = Pages::builtin().payment_required(
+            true,
+            "taler://pay/b/O/S?c=T",
+            "https://b/orders/O?token=T",
+            "Article",
+            &price(),
+        );
+        assert_eq!(r.status(), StatusCode::FOUND);
+        assert_eq!(r.headers()["location"], "https://b/orders/O?token=T");
+        assert_eq!(r.headers()[TALER_HEADER], "taler://pay/b/O/S?c=T");
+        assert_eq!(r.headers()[CACHE_CONTROL], "no-store");
+        let html = body_text(r);
+        assert!(html.contains("href=\"https://b/orders/O?token=T\""));
+        assert!(html.contains("href=\"taler://pay/b/O/S?c=T\""));
+        assert!(html.contains("<svg role=\"img\" aria-label=\"QR code"));
+        assert!(html.contains("KUDOS:0.5"));
+        // JSON clients: 402, same header, no page.
+        let r = Pages::builtin().payment_required(
+            false,
+            "taler://pay/b/O/S",
+            "https://b/o",
+            "A",
+            &price(),
+        );
+        assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
+        let v: serde_json::Value = serde_json::from_str(&body_text(r)).unwrap();
+        assert_eq!(v["taler_pay_uri"], "taler://pay/b/O/S");
+        assert_eq!(v["order_status_url"], "https://b/o");
+    }
+
+    #[test]
+    fn qr_code_encodes_the_pay_uri() {
+        let svg = qr_svg("taler://pay/b/O/S?c=T", "label \"x\"");
+        assert!(svg.starts_with("<svg role=\"img\" aria-label=\"label &quot;x&quot;\""));
+        assert!(svg.ends_with("</svg>"));
+        assert!(!svg.contains("<?xml"));
+        // Too long for any QR code: no image rather than an error.
+        assert_eq!(qr_svg(&"x".repeat(8000), "l"), "");
+    }
+
+    #[test]
+    fn refunded_page_links_to_collect_only_while_pending() {
+        let pending = body_text(Pages::builtin().refunded(true, true, Some("https://b/o"), "A"));
+        assert!(pending.contains("Collect your refund"));
+        let done = body_text(Pages::builtin().refunded(true, false, Some("https://b/o"), "A"));
+        assert!(!done.contains("https://b/o") && done.contains("credited"));
+        // Pending but no URL to collect at: the page without the link.
+        let no_url = body_text(Pages::builtin().refunded(true, true, None, "A"));
+        assert!(!no_url.contains("href"));
+    }
+
+    #[test]
+    fn template_errors_name_the_problem_and_line() {
+        let rows = [
+            (
+                PageKind::Error,
+                "<p>{{message}}</p>\n{{nope}}",
+                "line 2: unknown placeholder {{nope}}",
+            ),
+            (
+                PageKind::Error,
+                "<p>{{message}</p>",
+                "line 1: `{{` without a closing `}}`",
+            ),
+            (
+                PageKind::Error,
+                "<p>no message</p>",
+                "required placeholder missing: {{message}}",
+            ),
+            (
+                PageKind::PaymentRequired,
+                "<a href=\"{{pay_uri}}\">",
+                "{{status_url}}",
+            ),
+            (PageKind::RefundPending, "{{summary}}", "{{status_url}}"),
+            (
+                PageKind::CookiesRequired,
+                "{{summary}}",
+                "cookies-required.html offers no placeholders",
+            ),
+        ];
+        for (kind, src, want) in rows {
+            let err = Template::parse(kind, src)
+                .err()
+                .unwrap_or_else(|| panic!("{src} parsed"));
+            assert!(err.contains(want), "{src}: {err}");
+        }
+        // Spaces inside the braces are fine.
+        let t = Template::parse(PageKind::RateLimited, "wait {{ retry_after }}s").unwrap();
+        assert_eq!(t.render(&[("retry_after", Html::text("5"))]), "wait 5s");
+    }
+
+    #[test]
+    fn a_directory_overrides_some_pages_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("refunded.html"),
+            "<!DOCTYPE html><html lang=\"de\"><title>Erstattet</title><h1>Erstattet</h1><p>{{summary}}</p>",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a template").unwrap();
+        let pages = Pages::load(dir.path()).unwrap();
+        assert_eq!(pages.overridden(), &[PageKind::Refunded]);
+        let html = body_text(pages.refunded(true, false, None, "<b>"));
+        assert!(
+            html.contains("<h1>Erstattet</h1><p>&lt;b&gt;</p>"),
+            "{html}"
+        );
+        // The others are the built-in ones.
+        let html = body_text(pages.cookies_required(true));
+        assert!(html.contains("Please allow cookies"));
+    }
+
+    #[test]
+    fn unusable_template_files_are_refused_at_load() {
+        let cases: [(&str, &[u8], &str); 4] = [
+            ("error.html", b"<p>no placeholder</p>", "{{message}}"),
+            ("payment_required.html", b"x", "not the name of a page"),
+            ("rate-limited.html", b"\xff\xfe not utf-8", "cannot read"),
+            ("refund-pending.html", b"{{status_url}", "without a closing"),
+        ];
+        for (name, content, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(name), content).unwrap();
+            let err = Pages::load(dir.path()).unwrap_err();
+            assert!(err.to_string().contains(want), "{name}: {err}");
+            assert!(
+                err.to_string().contains(name),
+                "{name}: names the file: {err}"
+            );
+        }
+        // A directory where a template should be, and a file too large.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("error.html")).unwrap();
+        assert!(Pages::load(dir.path()).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let big = format!("{{{{message}}}}{}", " ".repeat(2 * 1024 * 1024));
+        std::fs::write(dir.path().join("error.html"), big).unwrap();
+        assert!(Pages::load(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("larger than"));
+        assert!(Pages::load(Path::new("/no/such/dir")).is_err());
     }
 
     #[test]
