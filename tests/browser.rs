@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fantoccini::actions::{InputSource as _, KeyAction, KeyActions};
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -260,6 +262,44 @@ impl Browser {
         eprintln!("axe-core: {what}: {passes} rules passed, no violations");
     }
 
+    /// Presses Tab `n` times from the top of the page and answers, for each press, the
+    /// focused element's text and whether its focus is drawn (a non-`none` outline): keyboard
+    /// users reach every control in reading order and see where they are.
+    async fn tab_through(&self, n: usize) -> Vec<(String, bool)> {
+        self.client
+            .execute(
+                "document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0);",
+                vec![],
+            )
+            .await
+            .expect("reset focus");
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let tab = KeyActions::new("keyboard".into())
+                .then(KeyAction::Down {
+                    value: Key::Tab.into(),
+                })
+                .then(KeyAction::Up {
+                    value: Key::Tab.into(),
+                });
+            self.client.perform_actions(tab).await.expect("Tab");
+            let v = self
+                .client
+                .execute(
+                    "const e = document.activeElement; \
+                     return [e.innerText.trim(), getComputedStyle(e).outlineStyle !== 'none'];",
+                    vec![],
+                )
+                .await
+                .expect("focused element");
+            seen.push((
+                v[0].as_str().unwrap_or_default().to_owned(),
+                v[1].as_bool().unwrap_or(false),
+            ));
+        }
+        seen
+    }
+
     /// On the sandbox's payment page: presses the pay button and waits to be back on `then`.
     async fn pay(&self, then: &str) {
         assert_eq!(self.h1().await, "Payment requested");
@@ -402,6 +442,20 @@ async fn journey(chromium: &Path, driver: &Driver, profile: &Path) {
         .is_some_and(|l| l.contains("QR code")));
     b.shot("payment-page").await;
     b.check_accessibility("sandbox payment page").await;
+    let focus = b.tab_through(2).await;
+    assert_eq!(
+        focus[0],
+        ("Pay with the sandbox wallet".to_owned(), true),
+        "{focus:?}"
+    );
+    assert_eq!(
+        focus[1],
+        (
+            "Open this payment request in your GNU Taler wallet".to_owned(),
+            true
+        ),
+        "{focus:?}"
+    );
 
     // 3. Pay with the sandbox wallet: back on the article, with its content.
     b.pay(&article).await;
@@ -518,6 +572,16 @@ async fn journey(chromium: &Path, driver: &Driver, profile: &Path) {
         assert_eq!(h1s.len(), 1, "{page}: one h1");
         b.shot(&format!("gateway-{page}")).await;
         b.check_accessibility(&format!("gateway page {page}")).await;
+        if page == "payment-required" {
+            let focus = b.tab_through(2).await;
+            let want = [
+                "Continue to the payment page",
+                "Open this payment in your GNU Taler wallet",
+            ];
+            for (got, want) in focus.iter().zip(want) {
+                assert_eq!(got, &(want.to_owned(), true), "{focus:?}");
+            }
+        }
     }
 
     b.client.close().await.expect("browser closed");
