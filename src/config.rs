@@ -699,7 +699,7 @@ impl Validator<'_> {
             }
         }
         let limits = self.limits(&raw.limits);
-        let mut templates = std::sync::Arc::new(crate::pages::Pages::builtin().clone());
+        let mut templates = std::sync::Arc::new(crate::pages::Pages::default());
         let pages = PagesConfig {
             dir: raw.pages.dir.as_ref().map(|d| {
                 let p = self.file(d.get_ref());

@@ -20,8 +20,9 @@
 //! customer-controlled value through unescaped. Here escaping is not the template's choice:
 //! values reach the page only through [`Html::text`].
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
@@ -270,6 +271,13 @@ impl Template {
         Ok(Template { parts })
     }
 
+    /// Whether the template shows placeholder `name`.
+    fn uses(&self, name: &str) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Value(n) if *n == name))
+    }
+
     /// Fills the placeholders in. A placeholder without a value renders as nothing (every
     /// caller passes every placeholder of its page; a unit test pins that).
     fn render(&self, values: &[(&str, Html)]) -> String {
@@ -315,7 +323,44 @@ fn offered(kind: PageKind) -> String {
 pub struct Pages {
     templates: Vec<Template>,
     overridden: Vec<PageKind>,
+    /// Recently drawn QR codes (none for the static built-in value).
+    qr_cache: Option<Arc<QrCache>>,
 }
+
+/// The QR codes of the last few payment URIs. Drawing one costs about 1 ms of CPU (release
+/// build), and a customer waiting for a payment revisits the same order, hence the same URI:
+/// with this, only order creation (which is rate-limited per address) draws new ones.
+#[derive(Debug, Default)]
+struct QrCache {
+    recent: Mutex<VecDeque<(String, Arc<str>)>>,
+}
+
+/// At most this many QR codes are kept (each about 16 KiB).
+const QR_CACHE_ENTRIES: usize = 64;
+
+impl QrCache {
+    fn get_or_draw(&self, pay_uri: &str) -> Arc<str> {
+        if let Ok(recent) = self.recent.lock() {
+            if let Some((_, svg)) = recent.iter().find(|(uri, _)| uri == pay_uri) {
+                return svg.clone();
+            }
+        }
+        // Drawn outside the lock: two requests for a new URI may both draw it, which is
+        // harmless, while nobody waits for someone else's drawing.
+        let svg: Arc<str> = qr_svg(pay_uri, QR_LABEL).into();
+        if let Ok(mut recent) = self.recent.lock() {
+            if !recent.iter().any(|(uri, _)| uri == pay_uri) {
+                if recent.len() >= QR_CACHE_ENTRIES {
+                    recent.pop_front();
+                }
+                recent.push_back((pay_uri.to_owned(), svg.clone()));
+            }
+        }
+        svg
+    }
+}
+
+const QR_LABEL: &str = "QR code of the payment link, for a phone wallet";
 
 impl std::fmt::Debug for Pages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,8 +378,12 @@ impl std::fmt::Debug for Pages {
 }
 
 impl Default for Pages {
+    /// The built-in pages, with a QR code cache of their own.
     fn default() -> Self {
-        Pages::builtin().clone()
+        Pages {
+            qr_cache: Some(Arc::default()),
+            ..Pages::builtin().clone()
+        }
     }
 }
 
@@ -350,6 +399,7 @@ static BUILTIN: LazyLock<Pages> = LazyLock::new(|| Pages {
         })
         .collect(),
     overridden: Vec::new(),
+    qr_cache: None,
 });
 
 impl Pages {
@@ -387,7 +437,7 @@ impl Pages {
                 });
             }
         }
-        let mut pages = Pages::builtin().clone();
+        let mut pages = Pages::default();
         for (i, kind) in PageKind::ALL.iter().enumerate() {
             let path = dir.join(kind.file_name());
             let meta = match std::fs::metadata(&path) {
@@ -423,12 +473,26 @@ impl Pages {
         &self.overridden
     }
 
-    fn render(&self, kind: PageKind, values: &[(&str, Html)]) -> String {
-        let i = PageKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        match self.templates.get(i) {
-            Some(t) => t.render(values),
-            None => String::new(),
+    /// The QR code of `pay_uri`, drawn only if the payment page shows it.
+    fn qr_code(&self, pay_uri: &str) -> Html {
+        let shown = self
+            .template(PageKind::PaymentRequired)
+            .is_some_and(|t| t.uses("qr_code"));
+        match (&self.qr_cache, shown) {
+            (_, false) => Html(String::new()),
+            (Some(cache), true) => Html(cache.get_or_draw(pay_uri).to_string()),
+            (None, true) => Html(qr_svg(pay_uri, QR_LABEL)),
         }
+    }
+
+    fn template(&self, kind: PageKind) -> Option<&Template> {
+        let i = PageKind::ALL.iter().position(|k| *k == kind)?;
+        self.templates.get(i)
+    }
+
+    fn render(&self, kind: PageKind, values: &[(&str, Html)]) -> String {
+        self.template(kind)
+            .map_or_else(String::new, |t| t.render(values))
     }
 
     /// An error response: the error page or a JSON object `{"error": …, "message": …}`,
@@ -480,13 +544,7 @@ impl Pages {
                 &[
                     ("status_url", Html::text(status_url)),
                     ("pay_uri", Html::text(pay_uri)),
-                    (
-                        "qr_code",
-                        Html(qr_svg(
-                            pay_uri,
-                            "QR code of the payment link, for a phone wallet",
-                        )),
-                    ),
+                    ("qr_code", self.qr_code(pay_uri)),
                     ("summary", Html::text(summary)),
                     ("price", Html::text(&price.to_string())),
                 ],
@@ -848,6 +906,67 @@ mod tests {
         assert!(!svg.contains("<?xml"));
         // Too long for any QR code: no image rather than an error.
         assert_eq!(qr_svg(&"x".repeat(8000), "l"), "");
+    }
+
+    #[test]
+    fn qr_codes_are_drawn_once_per_uri_and_the_cache_is_bounded() {
+        let cache = QrCache::default();
+        let a = cache.get_or_draw("taler://pay/b/A/S");
+        assert!(Arc::ptr_eq(&a, &cache.get_or_draw("taler://pay/b/A/S")));
+        assert_eq!(&*a, qr_svg("taler://pay/b/A/S", QR_LABEL));
+        for i in 0..QR_CACHE_ENTRIES + 5 {
+            let _ = cache.get_or_draw(&format!("taler://pay/b/O{i}/S"));
+        }
+        assert_eq!(cache.recent.lock().unwrap().len(), QR_CACHE_ENTRIES);
+        // The oldest went first.
+        assert!(!Arc::ptr_eq(&a, &cache.get_or_draw("taler://pay/b/A/S")));
+        // A loaded Pages uses a cache; the page shows the same drawing either way.
+        let pages = Pages::default();
+        let page = |p: &Pages| {
+            body_text(p.payment_required(true, "taler://pay/b/Q/S", "https://b/o", "A", &price()))
+        };
+        assert_eq!(page(&pages), page(Pages::builtin()));
+        assert_eq!(
+            pages
+                .qr_cache
+                .as_ref()
+                .unwrap()
+                .recent
+                .lock()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_qr_code_is_drawn_for_a_template_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("payment-required.html"),
+            "<a href=\"{{status_url}}\">Pay</a>",
+        )
+        .unwrap();
+        let pages = Pages::load(dir.path()).unwrap();
+        let html = body_text(pages.payment_required(
+            true,
+            "taler://pay/b/Q/S",
+            "https://b/o",
+            "A",
+            &price(),
+        ));
+        assert_eq!(html, "<a href=\"https://b/o\">Pay</a>");
+        assert_eq!(
+            pages
+                .qr_cache
+                .as_ref()
+                .unwrap()
+                .recent
+                .lock()
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]
