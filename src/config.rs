@@ -350,6 +350,9 @@ pub struct LimitsConfig {
 pub struct PagesConfig {
     /// Directory with templates that override the built-in pages.
     pub dir: Option<PathBuf>,
+    /// The page templates: the built-in ones, overridden by those in `dir`, read and checked
+    /// when the configuration is loaded.
+    pub templates: std::sync::Arc<crate::pages::Pages>,
 }
 
 /// The path of the forward-auth endpoint when `[forward_auth]` names none.
@@ -717,14 +720,21 @@ impl Validator<'_> {
             }
         }
         let limits = self.limits(&raw.limits);
+        let mut templates = std::sync::Arc::new(crate::pages::Pages::default());
         let pages = PagesConfig {
             dir: raw.pages.dir.as_ref().map(|d| {
                 let p = self.file(d.get_ref());
                 if !p.is_dir() {
                     self.fail(d, format!("pages.dir: {} is not a directory", p.display()));
+                } else {
+                    match crate::pages::Pages::load(&p) {
+                        Ok(t) => templates = std::sync::Arc::new(t),
+                        Err(e) => self.fail(d, format!("pages.dir: {e}")),
+                    }
                 }
                 p
             }),
+            templates,
         };
         let forward_auth = raw
             .forward_auth

@@ -148,6 +148,34 @@ pub fn demo_config(
     merchant: &url::Url,
     token: &str,
 ) -> String {
+    demo_config_with(gateway, origin, merchant, token, &DemoOptions::default())
+}
+
+/// What a test may change in the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The gateway's `session.recheck_interval` (default 60 s; tests that refund use 0 s so
+    /// that the refund shows at once instead of after a minute).
+    pub recheck_interval: std::time::Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            recheck_interval: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// [`demo_config`] with `opts`.
+pub fn demo_config_with(
+    gateway: SocketAddr,
+    origin: SocketAddr,
+    merchant: &url::Url,
+    token: &str,
+    opts: &DemoOptions,
+) -> String {
+    let recheck = opts.recheck_interval.as_secs();
     let secret: [u8; 32] = rand::random();
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret);
     format!(
@@ -165,7 +193,7 @@ refund_delay = "1d"
 
 [session]
 secret = "{secret}"
-recheck_interval = "60s"
+recheck_interval = "{recheck}s"
 
 [[protect]]
 prefix = "/articles/"
@@ -213,6 +241,14 @@ impl RunningDemo {
 /// # Errors
 /// A port cannot be bound, or a server fails to start.
 pub async fn start(port: u16) -> anyhow::Result<RunningDemo> {
+    start_with(port, DemoOptions::default()).await
+}
+
+/// [`start`] with `opts`.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(port: u16, demo_opts: DemoOptions) -> anyhow::Result<RunningDemo> {
     let gateway_listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{port}: {e} (try --port 0)"))?;
@@ -239,7 +275,13 @@ pub async fn start(port: u16) -> anyhow::Result<RunningDemo> {
     let opts = SandboxOptions::default();
     let token = opts.token.clone();
     let sandbox = Sandbox::start(sandbox_listener, opts).await?;
-    let text = demo_config(gateway_addr, origin_addr, &sandbox.base_url(), &token);
+    let text = demo_config_with(
+        gateway_addr,
+        origin_addr,
+        &sandbox.base_url(),
+        &token,
+        &demo_opts,
+    );
     let config = Config::from_toml_str(&text, std::path::Path::new("demo.toml"), &NoEnv)
         .map_err(|e| anyhow::anyhow!("demo configuration: {e}"))?;
     let gateway = crate::gateway::spawn(config, gateway_listener).await?;

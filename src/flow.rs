@@ -88,6 +88,7 @@ pub struct PaymentGate {
     turns: Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>,
     limiter: OrderLimiter,
     metrics: Arc<Metrics>,
+    pages: Arc<pages::Pages>,
 }
 
 impl std::fmt::Debug for PaymentGate {
@@ -147,6 +148,7 @@ impl PaymentGate {
             turns: Mutex::new(HashMap::new()),
             limiter: OrderLimiter::new(config.limits.orders_per_minute, config.limits.orders_burst),
             metrics: Arc::new(Metrics::new()),
+            pages: config.pages.templates.clone(),
         })
     }
 
@@ -228,7 +230,7 @@ impl PaymentGate {
                     // never make the gateway create orders.
                     return if has_cookie_check(query) {
                         self.respond(
-                            pages::cookies_required(html),
+                            self.pages.cookies_required(html),
                             Vec::new(),
                             DenyKind::CookiesRequired,
                         )
@@ -303,7 +305,7 @@ impl PaymentGate {
                 Action::CreateOrder => {
                     if let Err(wait) = self.limiter.try_take(client, now) {
                         tracing::info!(%client, "order creation rate limit reached");
-                        let mut resp = pages::rate_limited(html, wait);
+                        let mut resp = self.pages.rate_limited(html, wait);
                         if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
                             resp.headers_mut().insert(RETRY_AFTER, v);
                         }
@@ -426,7 +428,7 @@ impl PaymentGate {
                             Some(path.as_str()),
                         ));
                     }
-                    let resp = pages::payment_required(
+                    let resp = self.pages.payment_required(
                         html,
                         &pay_uri,
                         &status_url,
@@ -488,12 +490,13 @@ impl PaymentGate {
                     ));
                     self.remember(&session.id, resource, &order, now);
                     let resp =
-                        pages::refunded(html, pending, status_url.as_deref(), &route.summary);
+                        self.pages
+                            .refunded(html, pending, status_url.as_deref(), &route.summary);
                     return self.respond(resp, set_cookies, DenyKind::Refunded);
                 }
                 Action::FailClosed(kind) => {
                     let status = fail_status(kind);
-                    let resp = pages::error(
+                    let resp = self.pages.error(
                         status,
                         "The payment service is not available right now. Please try again later.",
                         html,

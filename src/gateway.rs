@@ -323,7 +323,11 @@ impl Gateway {
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }
-                let mut resp = pages::error(status, err.public_message(), ctx.html);
+                let mut resp =
+                    app.config
+                        .pages
+                        .templates
+                        .error(status, err.public_message(), ctx.html);
                 if matches!(err, GatewayError::BadRequest(_)) && version < Version::HTTP_2 {
                     // After a refused CONNECT or a malformed head, what the client sends next
                     // on this connection cannot be trusted to be a new request: close it.

@@ -17,7 +17,7 @@
 //! - [`path`]: the one path normaliser used for the decision and for forwarding.
 //! - [`policy`]: protected prefixes, segment-wise, longest first.
 //! - [`body`]: the body type and helpers.
-//! - [`pages`]: the synthetic responses (errors, payment required, refunded).
+//! - [`pages`]: the synthetic responses (errors, payment required, refunded), from templates.
 //! - [`proxy`]: forwarding to the origin (hop-by-hop, `X-Forwarded-*`, streaming, upgrades).
 //! - [`server`]: accept loops, TLS, limits, graceful shutdown.
 //! - [`gateway`]: one request, from normalisation to response.

@@ -3,16 +3,15 @@
 //! Self-contained, escaped, and working without JavaScript: the buttons are plain forms.
 
 use http::{Response, StatusCode};
-use qrcode::render::svg;
-use qrcode::QrCode;
 use url::Url;
 
 use super::http::{status_of, with_type};
 use super::state::{ApiError, Order};
 use crate::body::Body;
-use crate::pages::{escape_html, html_document};
+use crate::pages::{escape_html, html_document, qr_svg};
 
-const BANNER: &str = "<p style=\"background:#fff3cd;border:1px solid #e0c36a;padding:.5rem\">\
+const BANNER: &str =
+    "<p role=\"note\" style=\"background:#fff3cd;border:1px solid #8a6d00;padding:.5rem\">\
 <strong>SANDBOX</strong>: play money, no real payment takes place.</p>";
 
 fn html(status: StatusCode, title: &str, body: &str) -> Response<Body> {
@@ -21,23 +20,6 @@ fn html(status: StatusCode, title: &str, body: &str) -> Response<Body> {
         "text/html; charset=utf-8",
         html_document(title, &format!("{BANNER}\n{body}")),
     )
-}
-
-/// The QR code of `text` as an inline `<svg>` element, or nothing if it does not fit.
-fn qr_svg(text: &str) -> String {
-    let Ok(code) = QrCode::new(text.as_bytes()) else {
-        return String::new();
-    };
-    let svg = code
-        .render::<svg::Color<'_>>()
-        .min_dimensions(240, 240)
-        .quiet_zone(true)
-        .build();
-    // Drop the XML declaration: the element is embedded in an HTML document.
-    match svg.find("<svg") {
-        Some(i) => svg[i..].to_owned(),
-        None => String::new(),
-    }
 }
 
 /// The 402 payment page of an unpaid order (or one paid under another session).
@@ -51,15 +33,21 @@ pub(super) fn payment(
     let body = format!(
         "<h1>Payment requested</h1>\n\
 <p>{summary}</p>\n<p>Amount: <strong>{amount}</strong></p>\n\
-<p>Open this payment request with a GNU Taler wallet:<br><a href=\"{uri}\"><code>{uri}</code></a></p>\n\
-<div aria-label=\"QR code of the payment request\">{qr}</div>\n\
+<h2>Pay in this browser</h2>\n\
 <form method=\"post\" action=\"{action}\">\n\
 <input type=\"hidden\" name=\"order_id\" value=\"{id}\">\n\
 <input type=\"hidden\" name=\"session_id\" value=\"{session}\">\n\
-<button type=\"submit\">Pay with the sandbox wallet</button>\n</form>",
+<button type=\"submit\">Pay with the sandbox wallet</button>\n</form>\n\
+<h2>Pay with a GNU Taler wallet</h2>\n\
+<p><a href=\"{uri}\">Open this payment request in your GNU Taler wallet</a><br>\
+<code>{uri}</code></p>\n\
+<div class=\"qr\">{qr}</div>",
         summary = escape_html(&order.summary),
         amount = escape_html(&order.amount.to_string()),
-        qr = qr_svg(pay_uri),
+        qr = qr_svg(
+            pay_uri,
+            "QR code of the payment request, for a phone wallet"
+        ),
         action = escape_html(&format!("{base}sandbox/pay-form")),
         id = escape_html(&order.id),
         session = escape_html(session.unwrap_or("")),
