@@ -248,7 +248,9 @@ impl Gateway {
         };
         let method = req.method().clone();
         let version = req.version();
-        let span = tracing::info_span!("request", id = ?ctx.request_id);
+        // The id is hex or a trusted proxy's plain token: shown as is (Display, no quoting).
+        let id = ctx.request_id.to_str().unwrap_or("-");
+        let span = tracing::info_span!("request", id = %id);
         let mut outcome = Outcome::default();
         let result = self
             .handle_inner(req, &ctx, &mut outcome)
@@ -259,7 +261,7 @@ impl Gateway {
         match result {
             Ok(resp) => {
                 info!(
-                    id = ?ctx.request_id,
+                    id = %id,
                     peer = %conn.peer,
                     %method,
                     path,
@@ -275,11 +277,11 @@ impl Gateway {
                 let status = err.status();
                 let cause = ErrorChain(&err);
                 if status.is_server_error() {
-                    warn!(id = ?ctx.request_id, peer = %conn.peer, %method, path,
+                    warn!(id = %id, peer = %conn.peer, %method, path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request failed");
                 } else {
-                    info!(id = ?ctx.request_id, peer = %conn.peer, %method, path,
+                    info!(id = %id, peer = %conn.peer, %method, path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }
