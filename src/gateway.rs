@@ -264,7 +264,7 @@ impl Gateway {
                     id = %id,
                     peer = %conn.peer,
                     %method,
-                    path,
+                    %path,
                     protected = outcome.protected,
                     status = resp.status().as_u16(),
                     bytes = http_body::Body::size_hint(resp.body()).exact(),
@@ -277,11 +277,11 @@ impl Gateway {
                 let status = err.status();
                 let cause = ErrorChain(&err);
                 if status.is_server_error() {
-                    warn!(id = %id, peer = %conn.peer, %method, path,
+                    warn!(id = %id, peer = %conn.peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request failed");
                 } else {
-                    info!(id = %id, peer = %conn.peer, %method, path,
+                    info!(id = %id, peer = %conn.peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }
