@@ -82,10 +82,31 @@ pub fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// The environment variable that sets the number of runtime worker threads (default: one
+/// per CPU core).
+pub const WORKER_THREADS_ENV: &str = "TALER_PAYWALL_WORKER_THREADS";
+
+/// The worker thread count asked for in [`WORKER_THREADS_ENV`], if any.
+///
+/// # Errors
+/// The value is not a whole number from 1 to 1024.
+pub fn worker_threads(value: Option<&str>) -> anyhow::Result<Option<usize>> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n @ 1..=1024) => Ok(Some(n)),
+            _ => anyhow::bail!("{WORKER_THREADS_ENV}={v:?}: expected a number from 1 to 1024"),
+        },
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let threads = std::env::var(WORKER_THREADS_ENV).ok();
+    if let Some(n) = worker_threads(threads.as_deref())? {
+        builder.worker_threads(n);
+    }
+    Ok(builder.enable_all().build()?)
 }
 
 /// `taler-paywall serve`.
@@ -116,4 +137,20 @@ pub fn sandbox_merchant(
     faults: Option<String>,
 ) -> anyhow::Result<()> {
     runtime()?.block_on(crate::sandbox::run_cli(listen, token, public_url, faults))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_accepts_small_positive_numbers_only() {
+        assert_eq!(worker_threads(None).unwrap(), None);
+        assert_eq!(worker_threads(Some("")).unwrap(), None);
+        assert_eq!(worker_threads(Some("2")).unwrap(), Some(2));
+        assert_eq!(worker_threads(Some(" 4 ")).unwrap(), Some(4));
+        for bad in ["0", "-1", "two", "1025", "1.5"] {
+            assert!(worker_threads(Some(bad)).is_err(), "{bad}");
+        }
+    }
 }

@@ -243,11 +243,48 @@ impl PaymentGate {
             }
         };
         let resource = route.resource(path);
+        // The fast path: a grant younger than `recheck_interval`, in the signed cookie or in
+        // this process's memory, is served without a merchant call, so it needs no turn (the
+        // turn exists only to share merchant calls) and, for the cookie, no shared state.
+        let from_cookie = jar.order(&self.keys, &session.id, &resource);
+        if let Some(granted) = from_cookie.as_ref().filter(|o| self.is_fresh(o, now)) {
+            self.metrics.grant_hit(GrantSource::Cookie);
+            let order_id = Some(granted.order_id.clone());
+            return self.serve(
+                route,
+                path,
+                &session.id,
+                &resource,
+                &jar,
+                order_id,
+                set_cookies,
+            );
+        }
+        if let Some(granted) = self
+            .recall(&session.id, &resource)
+            .filter(|o| self.is_fresh(o, now))
+        {
+            self.metrics.grant_hit(GrantSource::Memory);
+            let order_id = Some(granted.order_id);
+            return self.serve(
+                route,
+                path,
+                &session.id,
+                &resource,
+                &jar,
+                order_id,
+                set_cookies,
+            );
+        }
         let key = (session.id.clone(), resource.clone());
         // One request per (session, resource) at a time: the others wait and then find the
         // first one's order and grant in memory.
         let turn = self.turn(&key);
         let _guard = turn.lock().await;
+        // Read memory again inside the turn: the request before us may have just filled it.
+        let remembered = self.recall(&session.id, &resource);
+        // Prefer whichever knows more: a fresh grant anywhere wins; otherwise the cookie.
+        let known = pick(from_cookie, remembered, now, self.recheck);
         let outcome = self
             .decide_in_turn(
                 headers,
@@ -257,6 +294,7 @@ impl PaymentGate {
                 &session,
                 &resource,
                 &jar,
+                known,
                 client,
                 now,
                 set_cookies,
@@ -265,6 +303,13 @@ impl PaymentGate {
         drop(_guard);
         self.release_turn(&key, turn);
         outcome
+    }
+
+    /// Whether `order` carries a grant younger than `recheck_interval`.
+    fn is_fresh(&self, order: &OrderCookie, now: u64) -> bool {
+        order
+            .verified_at
+            .is_some_and(|v| grant_is_fresh(v, now, self.recheck))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -276,23 +321,14 @@ impl PaymentGate {
         path: &NormalizedPath,
         session: &Session,
         resource: &str,
-        jar: &RequestCookies,
+        jar: &RequestCookies<'_>,
+        known: Option<OrderCookie>,
         client: IpAddr,
         now: u64,
         mut set_cookies: Vec<HeaderValue>,
     ) -> Outcome {
         let cookie_path = session::cookie_path(&self.cookies, resource, &route.prefix);
         let fulfillment_url = self.fulfillment_url(resource);
-        let from_cookie = jar.order(&self.keys, &session.id, resource);
-        // `pick` prefers a fresh cookie grant; a grant used without a merchant call came
-        // from the cookie when that was fresh, else from memory (for the metrics).
-        let cookie_fresh = from_cookie.as_ref().is_some_and(|o| {
-            o.verified_at
-                .is_some_and(|v| grant_is_fresh(v, now, self.recheck))
-        });
-        let remembered = self.recall(&session.id, resource);
-        // Prefer whichever knows more: a fresh grant anywhere wins; otherwise the cookie.
-        let known = pick(from_cookie, remembered, now, self.recheck);
         let (mut flow, mut action) = PaymentFlow::start(&Visit {
             now,
             order_id: known.as_ref().map(|o| o.order_id.as_str()),
@@ -366,39 +402,21 @@ impl PaymentGate {
                             Some(order_id)
                         }
                         None => {
-                            self.metrics.grant_hit(if cookie_fresh {
-                                GrantSource::Cookie
-                            } else {
-                                GrantSource::Memory
-                            });
+                            // A fresh cookie grant is served before the turn; inside it,
+                            // a fresh grant can only have come from memory.
+                            self.metrics.grant_hit(GrantSource::Memory);
                             known.as_ref().map(|o| o.order_id.clone())
                         }
                     };
-                    // Prefix scope: after paying at the prefix's fulfillment URL, continue to
-                    // the page that was asked for.
-                    if route.scope == Scope::Prefix && path.as_str() == resource {
-                        if let Some(target) = jar.return_to(&self.keys, &session.id, resource) {
-                            set_cookies.extend(session::set_return_to(
-                                &self.keys,
-                                &self.cookies,
-                                &session.id,
-                                resource,
-                                &cookie_path,
-                                None,
-                            ));
-                            if let Some(target) = self.safe_return_target(&target, route, path) {
-                                return self.respond(
-                                    redirect_see_other(&self.own_url(&target, None)),
-                                    set_cookies,
-                                    DenyKind::PaymentRequired,
-                                );
-                            }
-                        }
-                    }
-                    return Outcome::Serve {
-                        set_cookies,
+                    return self.serve(
+                        route,
+                        path,
+                        &session.id,
+                        resource,
+                        jar,
                         order_id,
-                    };
+                        set_cookies,
+                    );
                 }
                 Action::AskToPay {
                     order_id,
@@ -504,6 +522,45 @@ impl PaymentGate {
                     return self.respond(resp, set_cookies, DenyKind::FailedClosed);
                 }
             };
+        }
+    }
+
+    /// Paid: serve, except that under prefix scope a customer who paid at the prefix's
+    /// fulfillment URL continues (`303`) to the page that was asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &self,
+        route: &ProtectedRoute,
+        path: &NormalizedPath,
+        session: &SessionId,
+        resource: &str,
+        jar: &RequestCookies<'_>,
+        order_id: Option<String>,
+        mut set_cookies: Vec<HeaderValue>,
+    ) -> Outcome {
+        if route.scope == Scope::Prefix && path.as_str() == resource {
+            if let Some(target) = jar.return_to(&self.keys, session, resource) {
+                let cookie_path = session::cookie_path(&self.cookies, resource, &route.prefix);
+                set_cookies.extend(session::set_return_to(
+                    &self.keys,
+                    &self.cookies,
+                    session,
+                    resource,
+                    &cookie_path,
+                    None,
+                ));
+                if let Some(target) = self.safe_return_target(&target, route, path) {
+                    return self.respond(
+                        redirect_see_other(&self.own_url(&target, None)),
+                        set_cookies,
+                        DenyKind::PaymentRequired,
+                    );
+                }
+            }
+        }
+        Outcome::Serve {
+            set_cookies,
+            order_id,
         }
     }
 
@@ -748,6 +805,168 @@ mod tests {
         assert!(has_cookie_check(Some("a=1&taler_paywall_cc=1")));
         assert_eq!(with_cookie_check(None), "taler_paywall_cc=1");
         assert_eq!(with_cookie_check(Some("x=2")), "x=2&taler_paywall_cc=1");
+    }
+
+    /// A gate whose merchant cannot be reached: any merchant call fails closed, so a
+    /// `Serve` proves that no call was needed.
+    fn offline_gate(recheck: &str) -> (PaymentGate, crate::policy::Policy) {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:8080"
+public_url = "http://127.0.0.1:8080"
+[origin]
+url = "http://127.0.0.1:8000"
+[merchant]
+url = "http://127.0.0.1:9/"
+token = "secret-token:sandbox"
+[session]
+secret = "a secret of at least thirty-two bytes for the flow tests"
+recheck_interval = "{recheck}"
+[[protect]]
+prefix = "/premium/"
+price = "KUDOS:1"
+summary = "x"
+"#
+        );
+        let config =
+            Config::from_toml_str(&text, std::path::Path::new("t.toml"), &crate::config::NoEnv)
+                .unwrap();
+        let policy = crate::policy::Policy::new(config.protect_rules());
+        (PaymentGate::new(&config).unwrap(), policy)
+    }
+
+    fn cookie_header(values: &[HeaderValue]) -> HeaderMap {
+        let pairs: Vec<&str> = values
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap())
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            HeaderValue::from_str(&pairs.join("; ")).unwrap(),
+        );
+        h
+    }
+
+    async fn decide_for(
+        gate: &PaymentGate,
+        policy: &crate::policy::Policy,
+        headers: &HeaderMap,
+    ) -> Outcome {
+        let path = normalize("/premium/a.html").unwrap();
+        let route = policy.classify(&path).unwrap();
+        let client: IpAddr = "127.0.0.1".parse().unwrap();
+        gate.decide(headers, None, route, &path, client).await
+    }
+
+    fn session_and_order(
+        gate: &PaymentGate,
+        session: &Session,
+        order_session: &SessionId,
+        verified_at: Option<u64>,
+    ) -> HeaderMap {
+        let order = OrderCookie {
+            order_id: "O1".into(),
+            verified_at,
+        };
+        let s = session::set_session(&gate.keys, &gate.cookies, session).unwrap();
+        let o = session::set_order(
+            &gate.keys,
+            &gate.cookies,
+            order_session,
+            "/premium/a.html",
+            "/premium/a.html",
+            &order,
+        )
+        .unwrap();
+        cookie_header(&[s, o])
+    }
+
+    #[tokio::test]
+    async fn fresh_cookie_grant_is_served_without_the_merchant() {
+        let (gate, policy) = offline_gate("300s");
+        let now = unix_now();
+        let session = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        let h = session_and_order(&gate, &session, &session.id, Some(now - 10));
+        match decide_for(&gate, &policy, &h).await {
+            Outcome::Serve {
+                set_cookies,
+                order_id,
+            } => {
+                assert_eq!(order_id.as_deref(), Some("O1"));
+                assert!(set_cookies.is_empty());
+            }
+            Outcome::Respond { kind, .. } => panic!("not served: {kind:?}"),
+        }
+        assert_eq!(gate.turns.lock().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn stale_or_foreign_grants_go_to_the_merchant_and_fail_closed() {
+        let (gate, policy) = offline_gate("300s");
+        let now = unix_now();
+        let session = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        // Older than recheck_interval: asks the (unreachable) merchant.
+        let stale = session_and_order(&gate, &session, &session.id, Some(now - 301));
+        // Fresh, but bound to another session: not ours, so an order is needed.
+        let foreign = session_and_order(&gate, &session, &SessionId::generate(), Some(now));
+        for h in [stale, foreign] {
+            match decide_for(&gate, &policy, &h).await {
+                Outcome::Respond { kind, .. } => assert_eq!(kind, DenyKind::FailedClosed),
+                Outcome::Serve { .. } => panic!("served without a valid grant"),
+            }
+        }
+        // `0s` re-checks every request, even with a grant from this very second.
+        let (gate, policy) = offline_gate("0s");
+        let h = session_and_order(&gate, &session, &session.id, Some(now));
+        assert!(matches!(
+            decide_for(&gate, &policy, &h).await,
+            Outcome::Respond {
+                kind: DenyKind::FailedClosed,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn fresh_grant_in_memory_is_served_without_the_merchant() {
+        let (gate, policy) = offline_gate("300s");
+        let now = unix_now();
+        let session = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        // The cookie still holds an unpaid order; this process saw it paid a moment ago.
+        let h = session_and_order(&gate, &session, &session.id, None);
+        let paid = OrderCookie {
+            order_id: "O1".into(),
+            verified_at: Some(now),
+        };
+        gate.remember(&session.id, "/premium/a.html", &paid, now);
+        assert!(matches!(
+            decide_for(&gate, &policy, &h).await,
+            Outcome::Serve { .. }
+        ));
+        // Another session gets nothing from it.
+        let other = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        let h = session_and_order(&gate, &other, &other.id, None);
+        assert!(matches!(
+            decide_for(&gate, &policy, &h).await,
+            Outcome::Respond {
+                kind: DenyKind::FailedClosed,
+                ..
+            }
+        ));
     }
 
     #[test]

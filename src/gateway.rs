@@ -274,9 +274,9 @@ impl Gateway {
         };
         let method = req.method().clone();
         let version = req.version();
-        // Request ids are plain ASCII (see `assign_request_id`): logged unquoted.
-        let rid = ctx.request_id.to_str().unwrap_or("-");
-        let span = tracing::info_span!("request", id = rid);
+        // The id is hex or a trusted proxy's plain token: shown as is (Display, no quoting).
+        let id = ctx.request_id.to_str().unwrap_or("-");
+        let span = tracing::info_span!("request", id = %id);
         let mut outcome = Outcome::default();
         let result = self
             .handle_inner(req, &ctx, &mut outcome)
@@ -299,10 +299,10 @@ impl Gateway {
         match result {
             Ok(resp) => {
                 info!(
-                    id = rid,
+                    id = %id,
                     peer = %conn.peer,
                     %method,
-                    path,
+                    %path,
                     protected = outcome.protected,
                     status = resp.status().as_u16(),
                     bytes = http_body::Body::size_hint(resp.body()).exact(),
@@ -315,11 +315,11 @@ impl Gateway {
                 let status = err.status();
                 let cause = ErrorChain(&err);
                 if status.is_server_error() {
-                    warn!(id = rid, peer = %conn.peer, %method, path,
+                    warn!(id = %id, peer = %conn.peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request failed");
                 } else {
-                    info!(id = rid, peer = %conn.peer, %method, path,
+                    info!(id = %id, peer = %conn.peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }

@@ -423,6 +423,14 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// fixed hop-by-hop list. Runs before the gateway sets any header of its own, so a client
 /// naming `X-Forwarded-For` in `Connection` only removes its own copy.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of these: one pass over the names first, and nothing else
+    // (no hashing per listed name) when there is nothing to remove.
+    if !headers
+        .keys()
+        .any(|n| n == header::CONNECTION || HOP_BY_HOP.contains(n))
+    {
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
     for v in headers.get_all(header::CONNECTION) {
         for token in v.as_bytes().split(|b| *b == b',') {

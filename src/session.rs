@@ -1,12 +1,16 @@
 //! The gateway's cookies: the signed browser session, the order of each resource, and the
 //! page to return to after a prefix-scope purchase.
 //!
-//! All cookies are signed with HMAC-SHA256 through `cookie`'s `SignedJar`, under a key derived
-//! from `[session] secret` (HMAC-SHA512 with a fixed label, so the configured text is never
-//! used as a key directly). Older secrets (`previous_secrets`) still verify, new cookies use the
-//! current one: rotation without logging everybody out.
+//! All cookies are signed with HMAC-SHA256 in the format of `cookie`'s `SignedJar` (the value
+//! is `base64(HMAC-SHA256(value)) || value`, standard base64 with padding), under the signing
+//! half of a key derived from `[session] secret` (HMAC-SHA512 with a fixed label, so the
+//! configured text is never used as a key directly). The MAC is computed here with the `hmac`
+//! crate on a keyed state prepared once at startup, so checking a cookie costs one HMAC and no
+//! allocation; `cookie` still builds the `Set-Cookie` headers and decodes our cookies. Older
+//! secrets (`previous_secrets`) still verify, new cookies use the current one: rotation
+//! without logging everybody out.
 //!
-//! `SignedJar` authenticates a cookie's *value* only, not its name, so every value names its
+//! The MAC authenticates a cookie's *value* only, not its name, so every value names its
 //! own purpose and binding and is checked field by field:
 //! - session: `s1|<session id>|<issued at>`; older than `cookie_lifetime` is expired;
 //! - order:   `o1|<session id>|<resource hash>|<order id>|<verified at>`; only valid together
@@ -23,9 +27,9 @@
 
 use std::fmt;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use cookie::{Cookie, CookieJar, Key, SameSite};
+use cookie::{Cookie, Key, SameSite};
 use hmac::{Hmac, Mac};
 use http::header::COOKIE;
 use http::{HeaderMap, HeaderValue};
@@ -100,17 +104,22 @@ pub struct OrderCookie {
     pub verified_at: Option<u64>,
 }
 
-/// The signing keys: the current one and those of previous secrets.
+/// The signing keys: the current one and those of previous secrets, each as an HMAC-SHA256
+/// state already keyed (cloned per use, so no key schedule runs per request).
 #[derive(Clone)]
 pub struct CookieKeys {
-    keys: Vec<Key>,
+    macs: Vec<Hmac<Sha256>>,
 }
 
 impl fmt::Debug for CookieKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CookieKeys({} keys, <redacted>)", self.keys.len())
+        write!(f, "CookieKeys({} keys, <redacted>)", self.macs.len())
     }
 }
+
+/// Length of the base64 MAC in front of a signed value (32 bytes, standard base64, padded):
+/// the same as `cookie`'s `SignedJar`.
+const MAC_B64_LEN: usize = 44;
 
 fn derive_key(secret: &Secret) -> Key {
     let mut mac = <Hmac<Sha512> as Mac>::new_from_slice(b"taler-paywall cookie key v1")
@@ -121,30 +130,51 @@ fn derive_key(secret: &Secret) -> Key {
     Key::try_from(bytes.as_slice()).unwrap_or_else(|_| unreachable!("64-byte key"))
 }
 
+fn signing_mac(secret: &Secret) -> Hmac<Sha256> {
+    // The half of the derived key that `cookie`'s `SignedJar` signs with.
+    <Hmac<Sha256> as Mac>::new_from_slice(derive_key(secret).signing())
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"))
+}
+
 impl CookieKeys {
     /// Derives the keys from the configured secrets.
     pub fn new(config: &SessionConfig) -> Self {
-        let mut keys = vec![derive_key(&config.secret)];
-        keys.extend(config.previous_secrets.iter().map(derive_key));
-        CookieKeys { keys }
+        let mut macs = vec![signing_mac(&config.secret)];
+        macs.extend(config.previous_secrets.iter().map(signing_mac));
+        CookieKeys { macs }
     }
 
-    fn sign(&self, name: &str, value: String) -> String {
-        let mut jar = CookieJar::new();
-        jar.signed_mut(&self.keys[0])
-            .add(Cookie::new(name.to_owned(), value));
-        jar.get(name)
-            .map(|c| c.value().to_owned())
-            .unwrap_or_default()
+    /// `base64(HMAC(value)) || value`, with the current key.
+    fn sign(&self, value: &str) -> String {
+        let tag = self.macs[0]
+            .clone()
+            .chain_update(value.as_bytes())
+            .finalize();
+        let mut out = String::with_capacity(MAC_B64_LEN + value.len());
+        STANDARD.encode_string(tag.into_bytes(), &mut out);
+        out.push_str(value);
+        out
     }
 
-    fn verify(&self, name: &str, raw_value: &str) -> Option<String> {
-        let mut jar = CookieJar::new();
-        jar.add_original(Cookie::new(name.to_owned(), raw_value.to_owned()));
-        self.keys
+    /// The value inside a signed cookie value, if one of the keys signed it. Compares the
+    /// MAC in constant time; allocates nothing.
+    fn verify<'a>(&self, raw_value: &'a str) -> Option<&'a str> {
+        if raw_value.len() < MAC_B64_LEN || !raw_value.is_char_boundary(MAC_B64_LEN) {
+            return None;
+        }
+        let (digest, value) = raw_value.split_at(MAC_B64_LEN);
+        let mut tag = [0u8; 48];
+        let n = STANDARD.decode_slice(digest, &mut tag).ok()?;
+        let tag = &tag[..n];
+        self.macs
             .iter()
-            .find_map(|k| jar.signed(k).get(name))
-            .map(|c| c.value().to_owned())
+            .any(|mac| {
+                mac.clone()
+                    .chain_update(value.as_bytes())
+                    .verify_slice(tag)
+                    .is_ok()
+            })
+            .then_some(value)
     }
 }
 
@@ -216,37 +246,41 @@ pub fn cookie_path(settings: &CookieSettings, resource: &str, fallback: &str) ->
     }
 }
 
-/// The cookies of a request, parsed once.
+/// The gateway's cookies of a request, parsed once. Only pairs whose name is one of ours are
+/// handed to `cookie`'s parser (which percent-decodes them); the site's cookies are skipped
+/// without allocating.
 #[derive(Debug, Default)]
-pub struct RequestCookies {
-    pairs: Vec<(String, String)>,
+pub struct RequestCookies<'a> {
+    cookies: Vec<Cookie<'a>>,
 }
 
-impl RequestCookies {
+/// Most gateway cookies looked at in one request.
+const MAX_OWN_COOKIES: usize = 64;
+
+impl<'a> RequestCookies<'a> {
     /// Parses every `Cookie` header (HTTP/2 may split them). Unparsable pieces are skipped.
-    /// Values are percent-decoded: the `set_*` functions send them percent-encoded (`|`, `/`
-    /// and `=` of the signed value), and browsers return them verbatim.
-    pub fn parse(headers: &HeaderMap) -> Self {
-        let mut pairs = Vec::new();
+    pub fn parse(headers: &'a HeaderMap) -> Self {
+        let mut cookies = Vec::new();
         for v in headers.get_all(COOKIE) {
             let Ok(s) = v.to_str() else { continue };
-            for c in Cookie::split_parse(s).flatten() {
-                if !is_gateway_cookie(c.name()) || pairs.len() >= 64 {
+            for pair in s.split(';') {
+                let name = pair.split('=').next().unwrap_or_default().trim();
+                if !is_gateway_cookie(name) || cookies.len() >= MAX_OWN_COOKIES {
                     continue;
                 }
-                if let Ok(value) = percent_encoding::percent_decode_str(c.value()).decode_utf8() {
-                    pairs.push((c.name().to_owned(), value.into_owned()));
+                if let Ok(c) = Cookie::parse_encoded(pair.trim()) {
+                    cookies.push(c);
                 }
             }
         }
-        RequestCookies { pairs }
+        RequestCookies { cookies }
     }
 
-    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.pairs
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.cookies
             .iter()
-            .filter(move |(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .filter(move |c| c.name() == name)
+            .map(|c| c.value())
     }
 
     /// The valid session, if any. Several candidates (e.g. a planted one) are tried in order
@@ -259,7 +293,7 @@ impl RequestCookies {
     ) -> Option<Session> {
         let name = settings.session_name();
         self.values(name).find_map(|raw| {
-            let v = keys.verify(name, raw)?;
+            let v = keys.verify(raw)?;
             let mut it = v.split('|');
             if it.next()? != "s1" {
                 return None;
@@ -286,7 +320,7 @@ impl RequestCookies {
         let hash = resource_hash(resource);
         let name = format!("{ORDER_COOKIE_PREFIX}{hash}");
         let found = self.values(&name).find_map(|raw| {
-            let v = keys.verify(&name, raw)?;
+            let v = keys.verify(raw)?;
             let mut it = v.split('|');
             if it.next()? != "o1" || it.next()? != session.as_str() || it.next()? != hash {
                 return None;
@@ -317,7 +351,7 @@ impl RequestCookies {
         let hash = resource_hash(resource);
         let name = format!("{RETURN_COOKIE_PREFIX}{hash}");
         let found = self.values(&name).find_map(|raw| {
-            let v = keys.verify(&name, raw)?;
+            let v = keys.verify(raw)?;
             let mut it = v.splitn(4, '|');
             if it.next()? != "r1" || it.next()? != session.as_str() || it.next()? != hash {
                 return None;
@@ -344,10 +378,7 @@ pub fn set_session(
     session: &Session,
 ) -> Option<HeaderValue> {
     let name = settings.session_name();
-    let value = keys.sign(
-        name,
-        format!("s1|{}|{}", session.id.as_str(), session.issued_at),
-    );
+    let value = keys.sign(&format!("s1|{}|{}", session.id.as_str(), session.issued_at));
     let path = if settings.path_base.is_empty() {
         "/"
     } else {
@@ -370,16 +401,13 @@ pub fn set_order(
     }
     let hash = resource_hash(resource);
     let name = format!("{ORDER_COOKIE_PREFIX}{hash}");
-    let value = keys.sign(
-        &name,
-        format!(
-            "o1|{}|{}|{}|{}",
-            session.as_str(),
-            hash,
-            order.order_id,
-            order.verified_at.unwrap_or(0)
-        ),
-    );
+    let value = keys.sign(&format!(
+        "o1|{}|{}|{}|{}",
+        session.as_str(),
+        hash,
+        order.order_id,
+        order.verified_at.unwrap_or(0)
+    ));
     settings.build(&name, value, path, settings.lifetime as i64)
 }
 
@@ -397,7 +425,7 @@ pub fn set_return_to(
     let name = format!("{RETURN_COOKIE_PREFIX}{hash}");
     match target {
         Some(t) if t.len() <= 1024 => {
-            let value = keys.sign(&name, format!("r1|{}|{}|{}", session.as_str(), hash, t));
+            let value = keys.sign(&format!("r1|{}|{}|{}", session.as_str(), hash, t));
             settings.build(&name, value, path, 3600)
         }
         Some(_) => None,
@@ -596,7 +624,8 @@ mod tests {
             verified_at: Some(5),
         };
         let v = set_order(&keys, &settings(), &s1, "/premium/a", "/premium/a", &o).unwrap();
-        let c = RequestCookies::parse(&headers_from(&[v]));
+        let h = headers_from(&[v]);
+        let c = RequestCookies::parse(&h);
         assert_eq!(c.order(&keys, &s1, "/premium/a"), Some(o));
         assert_eq!(c.order(&keys, &s2, "/premium/a"), None, "other session");
         assert_eq!(c.order(&keys, &s1, "/premium/b"), None, "other resource");
@@ -630,7 +659,8 @@ mod tests {
         let keys = CookieKeys::new(&config(A, &[]));
         let s = SessionId::generate();
         let v = set_return_to(&keys, &settings(), &s, "/p/", "/p", Some("/p/x|y")).unwrap();
-        let c = RequestCookies::parse(&headers_from(&[v]));
+        let h = headers_from(&[v]);
+        let c = RequestCookies::parse(&h);
         assert_eq!(c.return_to(&keys, &s, "/p/"), Some("/p/x|y".to_owned()));
     }
 
@@ -654,6 +684,78 @@ mod tests {
         }
         let plain = set_session(&keys, &settings(), &s).unwrap();
         assert!(!plain.to_str().unwrap().contains("Secure"));
+    }
+
+    #[test]
+    fn signatures_keep_the_signed_jar_format() {
+        // Cookies issued before the MAC was computed here (by `cookie`'s `SignedJar`) still
+        // verify, and ours verify there: the format did not change.
+        use cookie::CookieJar;
+        let cfg = config(A, &[]);
+        let keys = CookieKeys::new(&cfg);
+        let key = derive_key(&cfg.secret);
+        let mut jar = CookieJar::new();
+        jar.signed_mut(&key)
+            .add(Cookie::new("n", "s1|AAAAAAAAAAAAAAAAAAAAAA|7"));
+        let by_jar = jar.get("n").unwrap().value().to_owned();
+        assert_eq!(keys.verify(&by_jar), Some("s1|AAAAAAAAAAAAAAAAAAAAAA|7"));
+        assert_eq!(keys.sign("s1|AAAAAAAAAAAAAAAAAAAAAA|7"), by_jar);
+        let mut jar = CookieJar::new();
+        jar.add_original(Cookie::new("n", keys.sign("o1|x")));
+        assert_eq!(
+            jar.signed(&key).get("n").map(|c| c.value().to_owned()),
+            Some("o1|x".to_owned())
+        );
+    }
+
+    #[test]
+    fn verify_refuses_what_is_not_a_signed_value() {
+        let keys = CookieKeys::new(&config(A, &[]));
+        let good = keys.sign("s1|v");
+        assert_eq!(keys.verify(&good), Some("s1|v"));
+        for bad in [
+            String::new(),
+            "s1|v".to_owned(),
+            good[..43].to_owned(),
+            format!("{}!{}", &good[..43], &good[44..]),
+            format!("{}é{}", &good[..43], &good[44..]),
+            format!("{}|w", good),
+            good.replace("s1|v", "s1|w"),
+        ] {
+            assert_eq!(keys.verify(&bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_gateway_cookies_are_parsed() {
+        let keys = CookieKeys::new(&config(A, &[]));
+        let s = Session {
+            id: SessionId::generate(),
+            issued_at: 1000,
+        };
+        let set = set_session(&keys, &settings(), &s).unwrap();
+        let pair = set.to_str().unwrap().split(';').next().unwrap().to_owned();
+        let mut h = HeaderMap::new();
+        // Site cookies around ours, odd spacing, a pair without `=`, a second header.
+        h.append(
+            COOKIE,
+            HeaderValue::from_str("site=1;junk;  other=\"q\" ").unwrap(),
+        );
+        h.append(
+            COOKIE,
+            HeaderValue::from_str(&format!(" {pair} ;x=2")).unwrap(),
+        );
+        let c = RequestCookies::parse(&h);
+        assert_eq!(c.cookies.len(), 1, "only ours is kept");
+        assert_eq!(c.session(&keys, &settings(), 1000), Some(s));
+        // At most MAX_OWN_COOKIES of ours are looked at.
+        let many = (0..100)
+            .map(|i| format!("taler_paywall_o_{i}=x"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(&many).unwrap());
+        assert_eq!(RequestCookies::parse(&h).cookies.len(), MAX_OWN_COOKIES);
     }
 
     #[test]

@@ -432,7 +432,8 @@ proptest! {
         let ov = set_order(&k, &st, &s.id, r, "/", &o).expect("order cookie");
         let rv = set_return_to(&k, &st, &s.id, r, "/", Some(&target)).expect("return cookie");
         let header = [echo(&sv), echo(&ov), echo(&rv)].join("; ");
-        let jar = RequestCookies::parse(&cookie_header(&[header.as_str()]));
+        let headers = cookie_header(&[header.as_str()]);
+        let jar = RequestCookies::parse(&headers);
         prop_assert_eq!(jar.session(&k, &st, NOW), Some(s.clone()), "{}", header);
         prop_assert_eq!(jar.order(&k, &s.id, r), Some(o), "{}", header);
         prop_assert_eq!(jar.return_to(&k, &s.id, r), Some(target), "{}", header);

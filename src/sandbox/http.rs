@@ -75,6 +75,7 @@ enum Route {
     WalletCollect,
     FormPay,
     FormCollect,
+    Stats,
 }
 
 impl Route {
@@ -107,6 +108,7 @@ fn route(method: &Method, rest: &str) -> Result<Route, ApiError> {
         ["sandbox", "collect-refund"] => (Method::POST, Route::WalletCollect),
         ["sandbox", "pay-form"] => (Method::POST, Route::FormPay),
         ["sandbox", "collect-refund-form"] => (Method::POST, Route::FormCollect),
+        ["sandbox", "stats"] => (Method::GET, Route::Stats),
         _ => {
             return Err(ApiError::new(
                 404,
@@ -223,8 +225,24 @@ pub(super) async fn handle(
         Route::WalletCollect => wallet_collect(&shared, &instance, req).await,
         Route::FormPay => Ok(form_pay(&shared, &instance, req).await),
         Route::FormCollect => Ok(form_collect(&shared, &instance, req).await),
+        Route::Stats => Ok(stats(&shared)),
     };
     Ok(result.unwrap_or_else(|e| error_response(&e)))
+}
+
+/// `GET sandbox/stats`: the merchant-API call counters (for benchmarks and manual checks).
+fn stats(shared: &Shared) -> Response<Body> {
+    let c = *shared.calls.lock().unwrap_or_else(|p| p.into_inner());
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "config": c.config,
+            "create_order": c.create_order,
+            "get_order": c.get_order,
+            "refund": c.refund,
+            "public_order": c.public_order,
+        }),
+    )
 }
 
 fn unauthorized() -> ApiError {
@@ -876,7 +894,7 @@ mod tests {
 
     #[test]
     fn routes_map_paths_and_methods() {
-        let rows: [(&Method, &str, Result<Route, u16>); 10] = [
+        let rows: [(&Method, &str, Result<Route, u16>); 12] = [
             (&Method::GET, "config", Ok(Route::Config)),
             (&Method::POST, "private/orders", Ok(Route::CreateOrder)),
             (
@@ -891,6 +909,8 @@ mod tests {
             ),
             (&Method::GET, "orders/X", Ok(Route::PublicOrder("X".into()))),
             (&Method::POST, "sandbox/pay", Ok(Route::WalletPay)),
+            (&Method::GET, "sandbox/stats", Ok(Route::Stats)),
+            (&Method::POST, "sandbox/stats", Err(405)),
             (&Method::GET, "private/orders", Err(405)),
             (&Method::GET, "private/orders/", Err(404)),
             (&Method::GET, "nothing", Err(404)),
