@@ -103,6 +103,16 @@ impl std::fmt::Debug for PaymentGate {
 /// (session, resource).
 type TurnKey = (SessionId, String);
 
+/// Where a decision is being carried out: the session, the resource and its cookie path.
+struct Here<'a> {
+    session: &'a SessionId,
+    resource: &'a str,
+    cookie_path: &'a str,
+    path: &'a NormalizedPath,
+    scope: Scope,
+    now: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Remembered {
     order_id: String,
@@ -329,6 +339,14 @@ impl PaymentGate {
     ) -> Outcome {
         let cookie_path = session::cookie_path(&self.cookies, resource, &route.prefix);
         let fulfillment_url = self.fulfillment_url(resource);
+        let here = Here {
+            session: &session.id,
+            resource,
+            cookie_path: &cookie_path,
+            path,
+            scope: route.scope,
+            now,
+        };
         let (mut flow, mut action) = PaymentFlow::start(&Visit {
             now,
             order_id: known.as_ref().map(|o| o.order_id.as_str()),
@@ -386,19 +404,7 @@ impl PaymentGate {
                 Action::Serve { order } => {
                     let order_id = match order {
                         Some(order_id) => {
-                            let fresh = OrderCookie {
-                                order_id: order_id.clone(),
-                                verified_at: Some(now),
-                            };
-                            set_cookies.extend(session::set_order(
-                                &self.keys,
-                                &self.cookies,
-                                &session.id,
-                                resource,
-                                &cookie_path,
-                                &fresh,
-                            ));
-                            self.remember(&session.id, resource, &fresh, now);
+                            self.keep_order(&here, &order_id, Some(now), false, &mut set_cookies);
                             Some(order_id)
                         }
                         None => {
@@ -423,29 +429,7 @@ impl PaymentGate {
                     pay_uri,
                     status_url,
                 } => {
-                    let order = OrderCookie {
-                        order_id,
-                        verified_at: None,
-                    };
-                    set_cookies.extend(session::set_order(
-                        &self.keys,
-                        &self.cookies,
-                        &session.id,
-                        resource,
-                        &cookie_path,
-                        &order,
-                    ));
-                    self.remember(&session.id, resource, &order, now);
-                    if route.scope == Scope::Prefix && path.as_str() != resource {
-                        set_cookies.extend(session::set_return_to(
-                            &self.keys,
-                            &self.cookies,
-                            &session.id,
-                            resource,
-                            &cookie_path,
-                            Some(path.as_str()),
-                        ));
-                    }
+                    self.keep_order(&here, &order_id, None, true, &mut set_cookies);
                     let resp = self.pages.payment_required(
                         html,
                         &pay_uri,
@@ -459,29 +443,7 @@ impl PaymentGate {
                     order_id,
                     fulfillment_url,
                 } => {
-                    let order = OrderCookie {
-                        order_id,
-                        verified_at: None,
-                    };
-                    set_cookies.extend(session::set_order(
-                        &self.keys,
-                        &self.cookies,
-                        &session.id,
-                        resource,
-                        &cookie_path,
-                        &order,
-                    ));
-                    self.remember(&session.id, resource, &order, now);
-                    if route.scope == Scope::Prefix && path.as_str() != resource {
-                        set_cookies.extend(session::set_return_to(
-                            &self.keys,
-                            &self.cookies,
-                            &session.id,
-                            resource,
-                            &cookie_path,
-                            Some(path.as_str()),
-                        ));
-                    }
+                    self.keep_order(&here, &order_id, None, true, &mut set_cookies);
                     // `fulfillment_url` is this resource's own URL (checked by `payment`).
                     return self.respond(
                         redirect(&fulfillment_url),
@@ -494,19 +456,7 @@ impl PaymentGate {
                     pending,
                     status_url,
                 } => {
-                    let order = OrderCookie {
-                        order_id,
-                        verified_at: None,
-                    };
-                    set_cookies.extend(session::set_order(
-                        &self.keys,
-                        &self.cookies,
-                        &session.id,
-                        resource,
-                        &cookie_path,
-                        &order,
-                    ));
-                    self.remember(&session.id, resource, &order, now);
+                    self.keep_order(&here, &order_id, None, false, &mut set_cookies);
                     let resp =
                         self.pages
                             .refunded(html, pending, status_url.as_deref(), &route.summary);
@@ -527,6 +477,42 @@ impl PaymentGate {
 
     /// Paid: serve, except that under prefix scope a customer who paid at the prefix's
     /// fulfillment URL continues (`303`) to the page that was asked for.
+    /// Remembers `order_id` as this resource's order (cookie and memory), with a grant when
+    /// `verified_at` is set; with `return_here`, a prefix purchase also records the page asked
+    /// for, so the customer lands on it after paying at the prefix's fulfillment URL.
+    fn keep_order(
+        &self,
+        here: &Here<'_>,
+        order_id: &str,
+        verified_at: Option<u64>,
+        return_here: bool,
+        set_cookies: &mut Vec<HeaderValue>,
+    ) {
+        let order = OrderCookie {
+            order_id: order_id.to_owned(),
+            verified_at,
+        };
+        set_cookies.extend(session::set_order(
+            &self.keys,
+            &self.cookies,
+            here.session,
+            here.resource,
+            here.cookie_path,
+            &order,
+        ));
+        self.remember(here.session, here.resource, &order, here.now);
+        if return_here && here.scope == Scope::Prefix && here.path.as_str() != here.resource {
+            set_cookies.extend(session::set_return_to(
+                &self.keys,
+                &self.cookies,
+                here.session,
+                here.resource,
+                here.cookie_path,
+                Some(here.path.as_str()),
+            ));
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
