@@ -24,6 +24,32 @@ pub fn init_logging() {
 /// Sets up `tracing` to stderr. `RUST_LOG`, when set, overrides `level`. ANSI colours are
 /// used only when stderr is a terminal (never in files or journald).
 pub fn init_logging_with(format: LogFormat, level: &str) {
+    init_logging_to(format, level, std::io::stderr);
+}
+
+/// Keeps the background log writer of [`init_buffered_logging`] running; dropping it writes
+/// out every line logged so far.
+#[must_use = "dropping the guard stops the log writer"]
+#[derive(Debug)]
+pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
+/// Like [`init_logging_with`], but the lines are handed to a background thread that writes
+/// them to stderr in batches (nothing is dropped: a logging thread waits when the queue is
+/// full). Keep the guard until the process ends; dropping it flushes.
+pub fn init_buffered_logging(format: LogFormat, level: &str) -> LogGuard {
+    let out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(out);
+    init_logging_to(format, level, writer);
+    LogGuard(guard)
+}
+
+fn init_logging_to<W>(format: LogFormat, level: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -34,7 +60,7 @@ pub fn init_logging_with(format: LogFormat, level: &str) {
     let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -109,13 +135,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
-/// `taler-paywall serve`.
+/// The number of serving threads of `taler-paywall serve`: [`WORKER_THREADS_ENV`], or one per
+/// CPU.
+///
+/// # Errors
+/// As [`worker_threads`].
+pub fn serving_threads() -> anyhow::Result<usize> {
+    let threads = std::env::var(WORKER_THREADS_ENV).ok();
+    Ok(match worker_threads(threads.as_deref())? {
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    })
+}
+
+/// `taler-paywall serve`: the serving threads run their own runtimes (see
+/// [`crate::gateway::serve`]); this one runs signals, reloads and the admin listener.
 ///
 /// # Errors
 /// Configuration or startup failures (bad file, port in use).
 pub fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    runtime()?.block_on(crate::gateway::serve(config, Some(path.to_owned())))
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::gateway::serve(config, Some(path.to_owned())))
 }
 
 /// `taler-paywall demo`.

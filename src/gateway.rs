@@ -150,6 +150,14 @@ impl RequestContext<'_> {
             strip_cookie_prefixes: &self.app.gateway_cookie_prefixes,
         }
     }
+
+    /// The span carrying the request id into what the payment flow and forward-auth log
+    /// (merchant errors, rate limits). The unprotected path logs nothing inside, so it makes
+    /// no span: the request line carries the id itself.
+    fn span(&self) -> tracing::Span {
+        let id = self.request_id.to_str().unwrap_or("-");
+        tracing::info_span!("request", id = %id)
+    }
 }
 
 /// Why a request failed. Each variant maps to one status in [`GatewayError::status`].
@@ -276,12 +284,8 @@ impl Gateway {
         let version = req.version();
         // The id is hex or a trusted proxy's plain token: shown as is (Display, no quoting).
         let id = ctx.request_id.to_str().unwrap_or("-");
-        let span = tracing::info_span!("request", id = %id);
         let mut outcome = Outcome::default();
-        let result = self
-            .handle_inner(req, &ctx, &mut outcome)
-            .instrument(span)
-            .await;
+        let result = self.handle_inner(req, &ctx, &mut outcome).await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let path = outcome.path.as_ref().map_or("-", NormalizedPath::as_str);
         match &result {
@@ -354,7 +358,9 @@ impl Gateway {
         if crate::forward_auth::is_endpoint(&ctx.app.config, &path) {
             // A front proxy asks about another request (`[forward_auth]`); nothing is forwarded.
             outcome.path = Some(path);
-            return crate::forward_auth::handle(req, ctx).await;
+            return crate::forward_auth::handle(req, ctx)
+                .instrument(ctx.span())
+                .await;
         }
         let route = ctx.app.policy.classify(&path);
         outcome.protected = route.is_some();
@@ -365,7 +371,11 @@ impl Gateway {
                 .forward(req, &path, &ctx.forward_context())
                 .await
                 .map_err(GatewayError::from),
-            Some(route) => self.handle_protected(req, route, &path, ctx).await,
+            Some(route) => {
+                self.handle_protected(req, route, &path, ctx)
+                    .instrument(ctx.span())
+                    .await
+            }
         };
         outcome.path = Some(path);
         result
@@ -698,15 +708,15 @@ pub async fn spawn_app(app: Arc<App>, listener: TcpListener) -> anyhow::Result<R
 /// A one-line reason if the gateway cannot start: a port is in use, the TLS files or the
 /// origin client cannot be set up.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let threads = crate::cli::serving_threads()?;
+    crate::proxy::set_serving_threads(threads);
     let metrics = Arc::new(Metrics::new());
     let listen = config.server.listen;
     let admin_listen = config.admin.as_ref().map(|a| a.listen);
     let mut opts = ServerOptions::from_config(&config.server)?;
     opts.open_connections = Some(metrics.open_connections());
     let app = App::with_metrics(config, metrics.clone())?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = reuseport_listener(listen)?;
     let admin_listener = match admin_listen {
         Some(a) => Some(
             TcpListener::bind(a)
@@ -734,11 +744,88 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         config_path,
         cert_store: opts.cert_store.clone(),
     });
-    let result = server::run(listener, gateway, opts, server::shutdown_signal()).await;
+    let result = serve_per_thread(listener, gateway, opts, threads).await;
     operator.stop().await;
     result?;
     info!("taler-paywall stopped");
     Ok(())
+}
+
+/// A listener on `addr` that further listeners with `SO_REUSEPORT` may share.
+fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("socket")?;
+    socket.set_reuseaddr(true).context("SO_REUSEADDR")?;
+    socket.set_reuseport(true).context("SO_REUSEPORT")?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket
+        .listen(1024)
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Serves `listener` from `threads` threads, each with its own single-threaded runtime and its
+/// own `SO_REUSEPORT` listener on the same address (the kernel spreads connections over them),
+/// so that a request, its connection and its pooled origin connection stay on one thread.
+/// Stops accepting on SIGTERM/SIGINT and returns when every thread has drained.
+async fn serve_per_thread(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    mut opts: ServerOptions,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener address")?;
+    opts.slots = Some(Arc::new(tokio::sync::Semaphore::new(opts.max_connections)));
+    let mut listeners = vec![listener.into_std().context("listener")?];
+    for _ in 1..threads {
+        let l = reuseport_listener(addr)?;
+        listeners.push(l.into_std().context("listener")?);
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut done = Vec::new();
+    for (index, std_listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = oneshot::channel::<anyhow::Result<()>>();
+        let gateway = gateway.clone();
+        let opts = opts.clone();
+        let mut stopped = stopped.clone();
+        std::thread::Builder::new()
+            .name(format!("serve-{index}"))
+            .spawn(move || {
+                crate::proxy::enter_serving_thread(index);
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| {
+                        rt.block_on(async move {
+                            let listener = TcpListener::from_std(std_listener)?;
+                            let until = async move {
+                                let _ = stopped.wait_for(|s| *s).await;
+                            };
+                            server::run(listener, gateway, opts, until).await
+                        })
+                    });
+                let _ = tx.send(result);
+            })
+            .context("cannot start a serving thread")?;
+        done.push(rx);
+    }
+    server::shutdown_signal().await;
+    let _ = stop.send(true);
+    let mut result = Ok(());
+    for rx in done {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(anyhow::anyhow!("a serving thread panicked")),
+        }
+    }
+    result
 }
 
 #[cfg(test)]

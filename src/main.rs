@@ -82,8 +82,11 @@ fn main() -> ExitCode {
             log_format,
             log_level,
         } => {
-            taler_paywall::cli::init_logging_with(log_format, &log_level);
-            taler_paywall::cli::serve(&config)
+            let log = taler_paywall::cli::init_buffered_logging(log_format, &log_level);
+            let result = taler_paywall::cli::serve(&config);
+            // Writes out the buffered lines before the error line below.
+            drop(log);
+            result
         }
         Command::Healthcheck { url, timeout } => {
             return taler_paywall::cli::healthcheck(&url, timeout)

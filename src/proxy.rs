@@ -20,8 +20,10 @@
 //!
 //! An upgrade is only switched to a raw tunnel after the origin answered `101`.
 
+use std::cell::Cell;
 use std::error::Error as StdError;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,7 +105,9 @@ pub enum OriginSetupError {
 
 /// The client for the origin, built once at startup and shared by every request.
 pub struct OriginClient {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// One pooled client per serving thread (see [`set_serving_threads`]): a request uses the
+    /// pool of the thread it runs on, so it and its origin connection share a thread.
+    clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
     scheme: Scheme,
     authority: Authority,
     /// The origin URL's path without a trailing slash (`""` for the root).
@@ -126,7 +130,33 @@ impl std::fmt::Debug for OriginClient {
     }
 }
 
+/// How many serving threads origin clients built from now on are split for (1 until
+/// [`set_serving_threads`] is called).
+static SERVING_THREADS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// The index of the serving thread this is (0 outside the serving threads).
+    static SERVING_THREAD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Origin clients built after this call keep one connection pool per serving thread, `n` in
+/// all (`taler-paywall serve` runs one single-threaded runtime per thread).
+pub fn set_serving_threads(n: usize) {
+    SERVING_THREADS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Marks the calling thread as serving thread `index` (from 0): its requests use that pool.
+pub fn enter_serving_thread(index: usize) {
+    SERVING_THREAD.with(|c| c.set(index));
+}
+
 impl OriginClient {
+    /// The pool of the calling thread.
+    fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Body> {
+        let i = SERVING_THREAD.with(Cell::get) % self.clients.len();
+        &self.clients[i]
+    }
+
     /// Builds the pooled client from `[origin]` and `[limits]`: HTTP/1.1, and HTTP/2 when an
     /// `https` origin offers it; certificates checked against the public web PKI roots, or
     /// only against `origin.ca_file` when set.
@@ -188,16 +218,20 @@ impl OriginClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(origin.max_idle_per_host)
-            // `forward` always sets `Host` itself.
-            .set_host(false)
-            .build(connector);
+        let clients = (0..SERVING_THREADS.load(Ordering::Relaxed).max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(origin.max_idle_per_host)
+                    // `forward` always sets `Host` itself.
+                    .set_host(false)
+                    .build(connector.clone())
+            })
+            .collect();
         Ok(OriginClient {
-            client,
+            clients,
             scheme,
             authority,
             prefix,
@@ -307,8 +341,11 @@ impl OriginClient {
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
 
-        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(upstream))
-            .await
+        let resp = match tokio::time::timeout(
+            self.response_timeout,
+            self.client().request(upstream),
+        )
+        .await
         {
             Err(_) => return Err(ProxyError::Timeout(self.response_timeout)),
             Ok(Err(e)) => return Err(classify(e)),

@@ -97,6 +97,9 @@ pub struct ServerOptions {
     pub cert_store: Option<Arc<CertStore>>,
     /// Raised while a client connection is open (the `open_connections` metric).
     pub open_connections: Option<prometheus_client::metrics::gauge::Gauge>,
+    /// Connection slots shared by several [`run`]s serving one address (one per thread);
+    /// `None`: `run` makes its own `max_connections` slots.
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -126,6 +129,7 @@ impl Default for ServerOptions {
             tls: None,
             cert_store: None,
             open_connections: None,
+            slots: None,
         }
     }
 }
@@ -154,6 +158,7 @@ impl ServerOptions {
             tls,
             cert_store,
             open_connections: None,
+            slots: None,
         })
     }
 }
@@ -311,7 +316,10 @@ pub async fn run<H: Handler>(
     let opts = Arc::new(opts);
     let builder = Arc::new(http_builder(&opts));
     let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let slots = opts
+        .slots
+        .clone()
+        .unwrap_or_else(|| Arc::new(Semaphore::new(opts.max_connections)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     let mut backoff = Duration::from_millis(5);

@@ -376,6 +376,71 @@ async fn an_oversized_request_head_is_refused() {
     .await;
 }
 
+/// `serve` runs one runtime per thread, each accepting on its own `SO_REUSEPORT` listener and
+/// with its own origin pool: with 4 threads, concurrent clients are all answered by the
+/// origin, SIGTERM ends the process cleanly, and every request's log line (written by the
+/// background log writer) is on stderr when the process has exited.
+#[tokio::test]
+async fn the_binary_serves_from_several_threads_and_flushes_every_log_line_at_exit() {
+    bounded(async {
+        let origin = TestOrigin::echo().await;
+        let gw = BinaryGateway::start_with_env(
+            &ConfigBuilder::new(&origin.url()).build(),
+            &[("TALER_PAYWALL_WORKER_THREADS", "4"), ("RUST_LOG", "info")],
+        )
+        .await;
+        let addr = gw.addr;
+        let clients: Vec<_> = (0..32)
+            .map(|c| {
+                tokio::spawn(async move {
+                    let mut statuses = Vec::new();
+                    for r in 0..3 {
+                        let resp = raw_get(addr, &format!("/free/c{c}-r{r}"), "").await;
+                        statuses.push((raw_status(&resp), resp.contains(&format!("c{c}-r{r}"))));
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        for c in clients {
+            for (status, echoed) in c.await.unwrap() {
+                assert_eq!(status, Some(200));
+                assert!(
+                    echoed,
+                    "the origin's answer names the path it was asked for"
+                );
+            }
+        }
+        let serving = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("serve-"))
+            .count();
+        assert_eq!(
+            serving, 4,
+            "one serving thread per TALER_PAYWALL_WORKER_THREADS"
+        );
+        let mut gw = gw;
+        let status = gw.stop().await;
+        assert!(status.success(), "exit status {status}");
+        let log = gw.stderr();
+        for c in 0..32 {
+            for r in 0..3 {
+                let path = format!("path=/free/c{c}-r{r} ");
+                assert_eq!(
+                    log.lines()
+                        .filter(|l| l.contains(&path) && l.contains("status=200"))
+                        .count(),
+                    1,
+                    "one request line for {path}"
+                );
+            }
+        }
+        assert!(log.contains("taler-paywall stopped"), "{log}");
+    })
+    .await;
+}
+
 /// At `max_connections`, a further client waits (in the kernel backlog) until a slot frees.
 #[tokio::test]
 async fn connections_beyond_the_limit_wait_for_a_free_slot() {

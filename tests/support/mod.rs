@@ -627,6 +627,12 @@ impl BinaryGateway {
     /// Writes the config (with a free port for `{{listen}}`), starts the binary and waits
     /// until it accepts connections.
     pub async fn start(template: &str) -> BinaryGateway {
+        Self::start_with_env(template, &[]).await
+    }
+
+    /// Like [`BinaryGateway::start`], with extra environment variables (applied last, so
+    /// `RUST_LOG` may be overridden).
+    pub async fn start_with_env(template: &str, env: &[(&str, &str)]) -> BinaryGateway {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").port()
@@ -644,6 +650,7 @@ impl BinaryGateway {
             .env("RUST_LOG", "warn")
             .env_remove("TALER_PAYWALL_MERCHANT_TOKEN")
             .env_remove("TALER_PAYWALL_SESSION_SECRET")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -684,6 +691,11 @@ impl BinaryGateway {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
+        self.stop().await
+    }
+
+    /// Like [`BinaryGateway::terminate`], keeping the captured stderr readable afterwards.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
