@@ -716,6 +716,13 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let mut opts = ServerOptions::from_config(&config.server)?;
     opts.open_connections = Some(metrics.open_connections());
     let app = App::with_metrics(config, metrics.clone())?;
+    // The serving threads' listeners share the address through SO_REUSEPORT, which would let
+    // a second gateway of the same user bind it too: a plain bind first makes "port in use"
+    // fail as before (the probe is closed at once; the port is then ours).
+    drop(
+        std::net::TcpListener::bind(listen)
+            .with_context(|| format!("cannot listen on {listen}"))?,
+    );
     let listener = reuseport_listener(listen)?;
     let admin_listener = match admin_listen {
         Some(a) => Some(
