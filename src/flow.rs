@@ -214,17 +214,18 @@ impl PaymentGate {
         }
     }
 
-    /// Decides a protected request.
+    /// Decides a protected request. `html` says whether the client prefers HTML pages
+    /// ([`pages::wants_html`], already worked out by the caller for its own pages).
     pub async fn decide(
         &self,
         headers: &HeaderMap,
+        html: bool,
         query: Option<&str>,
         route: &ProtectedRoute,
         path: &NormalizedPath,
         client: IpAddr,
     ) -> Outcome {
         let now = unix_now();
-        let html = pages::wants_html(headers);
         let jar = RequestCookies::parse(headers);
         let mut set_cookies = Vec::new();
         let session = match jar.session(&self.keys, &self.cookies, now) {
@@ -297,7 +298,6 @@ impl PaymentGate {
         let known = pick(from_cookie, remembered, now, self.recheck);
         let outcome = self
             .decide_in_turn(
-                headers,
                 html,
                 route,
                 path,
@@ -325,7 +325,6 @@ impl PaymentGate {
     #[allow(clippy::too_many_arguments)]
     async fn decide_in_turn(
         &self,
-        _headers: &HeaderMap,
         html: bool,
         route: &ProtectedRoute,
         path: &NormalizedPath,
@@ -843,7 +842,15 @@ summary = "x"
         let path = normalize("/premium/a.html").unwrap();
         let route = policy.classify(&path).unwrap();
         let client: IpAddr = "127.0.0.1".parse().unwrap();
-        gate.decide(headers, None, route, &path, client).await
+        gate.decide(
+            headers,
+            pages::wants_html(headers),
+            None,
+            route,
+            &path,
+            client,
+        )
+        .await
     }
 
     fn session_and_order(

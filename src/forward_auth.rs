@@ -202,7 +202,14 @@ pub async fn handle<B>(
     let client = app.client_ip(req.headers(), ctx.conn.peer.ip());
     let outcome = app
         .payment
-        .decide(req.headers(), query.as_deref(), route, &path, client)
+        .decide(
+            req.headers(),
+            ctx.html,
+            query.as_deref(),
+            route,
+            &path,
+            client,
+        )
         .await;
     match outcome {
         Outcome::Serve {

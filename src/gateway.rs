@@ -402,7 +402,14 @@ impl Gateway {
         let client = app.client_ip(req.headers(), ctx.conn.peer.ip());
         let outcome = app
             .payment
-            .decide(req.headers(), req.uri().query(), route, path, client)
+            .decide(
+                req.headers(),
+                ctx.html,
+                req.uri().query(),
+                route,
+                path,
+                client,
+            )
             .await;
         match outcome {
             PaymentOutcome::Serve { set_cookies, .. } => {
