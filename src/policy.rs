@@ -18,7 +18,8 @@ use crate::path::NormalizedPath;
 pub struct ProtectedRoute {
     /// Normalised prefix without trailing slash (`/` for the root).
     pub prefix: String,
-    segments: Vec<String>,
+    /// The prefix's segments, percent-decoded once here (matching decodes only the request's).
+    segments: Vec<Vec<u8>>,
     /// Price of one purchase.
     pub price: Amount,
     /// Shown in the wallet.
@@ -54,15 +55,13 @@ impl ProtectedRoute {
 
 /// Compares percent-decoded segments: origins decode `%27` to `'` and `%3B` to `;` before
 /// they look at the file system or strip matrix parameters, so the encoded and the plain
-/// spelling must match alike.
-fn segment_matches(want: &str, have: &str) -> bool {
-    let want: Vec<u8> = percent_encoding::percent_decode_str(want).collect();
-    let have: Vec<u8> = percent_encoding::percent_decode_str(have).collect();
-    if have.len() < want.len() {
-        return false;
-    }
-    let (head, rest) = have.split_at(want.len());
-    head.eq_ignore_ascii_case(&want) && (rest.is_empty() || rest.starts_with(b";"))
+/// spelling must match alike. `want` is already decoded; `have` is decoded on the fly,
+/// without allocating (this runs for every request and every route).
+fn segment_matches(want: &[u8], have: &str) -> bool {
+    let mut have = percent_encoding::percent_decode_str(have);
+    want.iter()
+        .all(|w| have.next().is_some_and(|h| h.eq_ignore_ascii_case(w)))
+        && matches!(have.next(), None | Some(b';'))
 }
 
 /// The set of protected routes.
@@ -83,7 +82,7 @@ impl Policy {
                     .prefix
                     .split('/')
                     .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
+                    .map(|s| percent_encoding::percent_decode_str(s).collect())
                     .collect(),
                 price: r.price.clone(),
                 summary: r.summary.clone(),
