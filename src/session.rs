@@ -25,6 +25,7 @@
 //! A cookie that is missing, malformed, forged, expired, or bound to something else is
 //! treated as absent, never as an error. Everything here is pure: time comes in as a value.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -206,8 +207,22 @@ impl CookieSettings {
         c.set_same_site(SameSite::Lax);
         c.set_secure(self.secure);
         c.set_max_age(cookie::time::Duration::seconds(max_age));
-        HeaderValue::from_str(&c.encoded().to_string()).ok()
+        // Signed session and order values are base64 and `|`-separated fields, all of them
+        // cookie-octets (RFC 6265 4.1.1): written as they are, they need no decoding on every
+        // request. Anything else (a return-to path) is percent-encoded.
+        let plain = c.value().bytes().all(is_plain_cookie_octet);
+        let line = if plain {
+            c.to_string()
+        } else {
+            c.encoded().to_string()
+        };
+        HeaderValue::from_str(&line).ok()
     }
+}
+
+/// A cookie-octet (RFC 6265 4.1.1) other than `%`, which [`RequestCookies`] would decode.
+fn is_plain_cookie_octet(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x24 | 0x26..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
 }
 
 /// A short, stable hash of a resource name, used in cookie names and values.
@@ -247,11 +262,13 @@ pub fn cookie_path(settings: &CookieSettings, resource: &str, fallback: &str) ->
 }
 
 /// The gateway's cookies of a request, parsed once. Only pairs whose name is one of ours are
-/// handed to `cookie`'s parser (which percent-decodes them); the site's cookies are skipped
-/// without allocating.
+/// kept; the site's cookies are skipped without allocating. A pair is split as `cookie`'s
+/// parser splits it (name before the first `=`, both sides trimmed); the value is
+/// percent-decoded only when it holds a `%` (the gateway's own values never do since they are
+/// written unencoded, see [`CookieSettings`]; older cookies were written encoded).
 #[derive(Debug, Default)]
 pub struct RequestCookies<'a> {
-    cookies: Vec<Cookie<'a>>,
+    cookies: Vec<(&'a str, Cow<'a, str>)>,
 }
 
 /// Most gateway cookies looked at in one request.
@@ -264,13 +281,23 @@ impl<'a> RequestCookies<'a> {
         for v in headers.get_all(COOKIE) {
             let Ok(s) = v.to_str() else { continue };
             for pair in s.split(';') {
-                let name = pair.split('=').next().unwrap_or_default().trim();
+                let Some((name, value)) = pair.split_once('=') else {
+                    continue;
+                };
+                let name = name.trim();
                 if !is_gateway_cookie(name) || cookies.len() >= MAX_OWN_COOKIES {
                     continue;
                 }
-                if let Ok(c) = Cookie::parse_encoded(pair.trim()) {
-                    cookies.push(c);
-                }
+                let value = value.trim();
+                let value = if value.contains('%') {
+                    match percent_encoding::percent_decode_str(value).decode_utf8() {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    }
+                } else {
+                    Cow::Borrowed(value)
+                };
+                cookies.push((name, value));
             }
         }
         RequestCookies { cookies }
@@ -279,8 +306,8 @@ impl<'a> RequestCookies<'a> {
     fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
         self.cookies
             .iter()
-            .filter(move |c| c.name() == name)
-            .map(|c| c.value())
+            .filter(move |(n, _)| *n == name)
+            .map(|(_, v)| v.as_ref())
     }
 
     /// The valid session, if any. Several candidates (e.g. a planted one) are tried in order
@@ -547,7 +574,10 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap().split(';').next().unwrap())
             .collect();
-        assert!(echoed[0].contains("%7C"), "{}", echoed[0]);
+        // Signed values are cookie-octets and go out as they are; a path with `%` is encoded.
+        assert!(echoed[0].contains('|') && !echoed[0].contains('%'), "{}", echoed[0]);
+        assert!(echoed[1].contains('|') && !echoed[1].contains('%'), "{}", echoed[1]);
+        assert!(echoed[2].contains("%7C") && echoed[2].contains("%2520"), "{}", echoed[2]);
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_str(&echoed.join("; ")).unwrap());
         let c = RequestCookies::parse(&h);
@@ -557,6 +587,23 @@ mod tests {
             c.return_to(&keys, &s.id, "/p/").as_deref(),
             Some("/p/a%20b")
         );
+    }
+
+    /// Cookies written before values went out unencoded (percent-encoded by `cookie`) stay
+    /// valid.
+    #[test]
+    fn percent_encoded_cookies_still_verify() {
+        let keys = CookieKeys::new(&config(A, &[]));
+        let s = Session {
+            id: SessionId::generate(),
+            issued_at: 1000,
+        };
+        let value = keys.sign(&format!("s1|{}|{}", s.id.as_str(), s.issued_at));
+        let old = Cookie::new(SESSION_COOKIE, value).encoded().to_string();
+        assert!(old.contains("%7C"), "{old}");
+        let h = headers_from(&[HeaderValue::from_str(&old).unwrap()]);
+        let c = RequestCookies::parse(&h);
+        assert_eq!(c.session(&keys, &settings(), 1000), Some(s));
     }
 
     #[test]
