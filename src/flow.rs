@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER, SET_COOKIE};
 use http::{HeaderMap, Response, StatusCode};
+use tracing::Instrument as _;
 use url::Url;
 
 use crate::body::{full, Body};
@@ -216,6 +217,7 @@ impl PaymentGate {
 
     /// Decides a protected request. `html` says whether the client prefers HTML pages
     /// ([`pages::wants_html`], already worked out by the caller for its own pages).
+    #[allow(clippy::too_many_arguments)]
     pub async fn decide(
         &self,
         headers: &HeaderMap,
@@ -224,6 +226,7 @@ impl PaymentGate {
         route: &ProtectedRoute,
         path: &NormalizedPath,
         client: IpAddr,
+        request_span: impl FnOnce() -> tracing::Span,
     ) -> Outcome {
         let now = unix_now();
         let jar = RequestCookies::parse(headers);
@@ -287,6 +290,39 @@ impl PaymentGate {
                 set_cookies,
             );
         }
+        // The slow path: what it logs (merchant errors, limits) carries the request id.
+        self.decide_slow(
+            html,
+            route,
+            path,
+            session,
+            resource,
+            &jar,
+            from_cookie,
+            client,
+            now,
+            set_cookies,
+        )
+        .instrument(request_span())
+        .await
+    }
+
+    /// [`Self::decide`] without a fresh grant: takes the (session, resource) turn and asks
+    /// the merchant if needed.
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_slow(
+        &self,
+        html: bool,
+        route: &ProtectedRoute,
+        path: &NormalizedPath,
+        session: Session,
+        resource: String,
+        jar: &RequestCookies<'_>,
+        from_cookie: Option<OrderCookie>,
+        client: IpAddr,
+        now: u64,
+        set_cookies: Vec<HeaderValue>,
+    ) -> Outcome {
         let key = (session.id.clone(), resource.clone());
         // One request per (session, resource) at a time: the others wait and then find the
         // first one's order and grant in memory.
@@ -303,7 +339,7 @@ impl PaymentGate {
                 path,
                 &session,
                 &resource,
-                &jar,
+                jar,
                 known,
                 client,
                 now,
@@ -849,6 +885,7 @@ summary = "x"
             route,
             &path,
             client,
+            tracing::Span::none,
         )
         .await
     }

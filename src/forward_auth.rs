@@ -209,6 +209,8 @@ pub async fn handle<B>(
             route,
             &path,
             client,
+            // Already inside the request's span (see `gateway`).
+            tracing::Span::none,
         )
         .await;
     match outcome {

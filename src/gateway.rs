@@ -371,11 +371,10 @@ impl Gateway {
                 .forward(req, &path, &ctx.forward_context())
                 .await
                 .map_err(GatewayError::from),
-            Some(route) => {
-                self.handle_protected(req, route, &path, ctx)
-                    .instrument(ctx.span())
-                    .await
-            }
+            // No span here: a fresh grant logs nothing but the request line (which carries
+            // the id), and creating and entering a span costs about as much as checking the
+            // grant. The payment flow opens the span where it may log (merchant calls, limits).
+            Some(route) => self.handle_protected(req, route, &path, ctx).await,
         };
         outcome.path = Some(path);
         result
@@ -409,6 +408,7 @@ impl Gateway {
                 route,
                 path,
                 client,
+                || ctx.span(),
             )
             .await;
         match outcome {
@@ -430,7 +430,8 @@ impl Gateway {
                 // Observe mode: the decision is logged and counted, the request goes through
                 // as if unprotected (the gateway's cookies are neither forwarded nor set).
                 let status = response.status().as_u16();
-                info!(path = path.as_str(), decision = ?kind, status,
+                let id = ctx.request_id.to_str().unwrap_or("-");
+                info!(id = %id, path = path.as_str(), decision = ?kind, status,
                     "observe mode: would have answered {status}");
                 drop(response);
                 let mut resp = app
