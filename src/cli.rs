@@ -63,7 +63,10 @@ where
         .with_writer(writer)
         .with_ansi(ansi);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        // Colours on a terminal come from the default field formatter; files and journald
+        // get the faster one that also escapes control characters (`logfmt`).
+        LogFormat::Text if ansi => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(crate::logfmt::LineFields).try_init(),
         LogFormat::Json => builder
             .json()
             .with_current_span(true)

@@ -13,6 +13,7 @@
 //! # Layout
 //! - [`amount`]: Taler amounts (`KUDOS:1.5`).
 //! - [`cli`]: what each subcommand does.
+//! - [`logfmt`]: the fields of a text log line, written cheaply and with control characters escaped.
 //! - [`config`]: TOML file → validated [`config::Config`]; secrets redacted.
 //! - [`path`]: the one path normaliser used for the decision and for forwarding.
 //! - [`policy`]: protected prefixes, segment-wise, longest first.
@@ -44,6 +45,7 @@ pub mod demo;
 pub mod flow;
 pub mod forward_auth;
 pub mod gateway;
+pub mod logfmt;
 pub mod merchant;
 pub mod metrics;
 pub mod pages;
