@@ -19,6 +19,7 @@
 //! - [`policy`]: protected prefixes, segment-wise, longest first.
 //! - [`body`]: the body type and helpers.
 //! - [`pages`]: the synthetic responses (errors, payment required, refunded), from templates.
+//! - [`origin_pool`]: keep-alive HTTP/1.1 connections to a plain-`http` origin, per thread.
 //! - [`proxy`]: forwarding to the origin (hop-by-hop, `X-Forwarded-*`, streaming, upgrades).
 //! - [`server`]: accept loops, TLS, limits, graceful shutdown.
 //! - [`gateway`]: one request, from normalisation to response.
@@ -48,6 +49,7 @@ pub mod gateway;
 pub mod logfmt;
 pub mod merchant;
 pub mod metrics;
+pub mod origin_pool;
 pub mod pages;
 pub mod path;
 pub mod payment;

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -39,6 +39,7 @@ use tracing::debug;
 
 use crate::body::{self, Body, BodyTooLarge, BoxError, Limited};
 use crate::config::{Config, HostHeader};
+use crate::origin_pool::{H1Pool, SendError};
 use crate::path::NormalizedPath;
 
 /// Per-request facts the proxy needs besides the request itself.
@@ -107,7 +108,11 @@ pub enum OriginSetupError {
 pub struct OriginClient {
     /// One pooled client per serving thread (see [`set_serving_threads`]): a request uses the
     /// pool of the thread it runs on, so it and its origin connection share a thread.
+    /// For `https` origins (TLS, HTTP/2 by ALPN); empty for `http` origins.
     clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
+    /// For `http` origins: HTTP/1.1 keep-alive connections, one pool per serving thread
+    /// ([`crate::origin_pool`]).
+    plain: Option<Arc<H1Pool>>,
     scheme: Scheme,
     authority: Authority,
     /// The origin URL's path without a trailing slash (`""` for the root).
@@ -151,10 +156,35 @@ pub fn enter_serving_thread(index: usize) {
 }
 
 impl OriginClient {
-    /// The pool of the calling thread.
-    fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Body> {
-        let i = SERVING_THREAD.with(Cell::get) % self.clients.len();
-        &self.clients[i]
+    /// Sends the finished upstream request through the calling thread's pool.
+    async fn send(&self, mut upstream: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let thread = SERVING_THREAD.with(Cell::get);
+        if let Some(pool) = &self.plain {
+            // hyper's connection writes the target as given: origin-form for an origin.
+            let pq = upstream
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *upstream.uri_mut() = Uri::from(pq);
+            return match pool.send(thread, upstream).await {
+                Ok(resp) => Ok(resp),
+                Err(SendError::Connect(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    Err(ProxyError::ConnectTimeout(Box::new(e)))
+                }
+                Err(SendError::Connect(e)) => Err(ProxyError::Unreachable(Box::new(e))),
+                Err(SendError::Http(e)) => Err(match find_source::<BodyTooLarge>(&e) {
+                    Some(too_large) => ProxyError::BodyTooLarge(*too_large),
+                    None => ProxyError::Origin(Box::new(e)),
+                }),
+            };
+        }
+        let client = &self.clients[thread % self.clients.len()];
+        client
+            .request(upstream)
+            .await
+            .map(|resp| resp.map(body::boxed))
+            .map_err(classify)
     }
 
     /// Builds the pooled client from `[origin]` and `[limits]`: HTTP/1.1, and HTTP/2 when an
@@ -218,7 +248,31 @@ impl OriginClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let clients = (0..SERVING_THREADS.load(Ordering::Relaxed).max(1))
+        let threads = SERVING_THREADS.load(Ordering::Relaxed).max(1);
+        if scheme == Scheme::HTTP {
+            let port = url.port_or_known_default().unwrap_or(80);
+            let target = match url.host() {
+                Some(url::Host::Ipv6(ip)) => format!("[{ip}]:{port}"),
+                _ => format!("{host}:{port}"),
+            };
+            return Ok(OriginClient {
+                clients: Box::new([]),
+                plain: Some(Arc::new(H1Pool::new(
+                    target,
+                    origin.connect_timeout,
+                    origin.max_idle_per_host,
+                    threads,
+                ))),
+                scheme,
+                authority,
+                prefix,
+                origin_host,
+                host_header: origin.host_header,
+                response_timeout: origin.response_timeout,
+                max_request_body: config.limits.max_request_body,
+            });
+        }
+        let clients = (0..threads)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
@@ -232,6 +286,7 @@ impl OriginClient {
             .collect();
         Ok(OriginClient {
             clients,
+            plain: None,
             scheme,
             authority,
             prefix,
@@ -341,15 +396,9 @@ impl OriginClient {
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers;
 
-        let resp = match tokio::time::timeout(
-            self.response_timeout,
-            self.client().request(upstream),
-        )
-        .await
-        {
+        let resp = match tokio::time::timeout(self.response_timeout, self.send(upstream)).await {
             Err(_) => return Err(ProxyError::Timeout(self.response_timeout)),
-            Ok(Err(e)) => return Err(classify(e)),
-            Ok(Ok(resp)) => resp,
+            Ok(result) => result?,
         };
 
         let (mut rparts, rbody) = resp.into_parts();
@@ -382,7 +431,7 @@ impl OriginClient {
             }
             tokio::spawn(tunnel(client_up, origin_up));
         }
-        Ok(Response::from_parts(rparts, body::boxed(rbody)))
+        Ok(Response::from_parts(rparts, rbody))
     }
 }
 

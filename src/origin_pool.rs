@@ -1,0 +1,252 @@
+//! Keep-alive HTTP/1.1 connections to a plain-`http` origin, one pool per serving thread.
+//!
+//! This is the proxied path's client. It does what `hyper-util`'s general-purpose pooled
+//! client does for one fixed origin, with less work per request: no pool key to hash (the
+//! origin is fixed), no connector clone and no background task per request, and the pool of
+//! the calling serving thread only (so a request and the origin connection it borrows stay on
+//! one thread, and the lock is never contended in `serve`). `https` origins (TLS, HTTP/2 by
+//! ALPN) keep using `hyper-util`'s client; see [`crate::proxy::OriginClient`].
+//!
+//! A connection is used by one request at a time. It goes back to its pool when the
+//! response body has been read to its end (or at once when the response has no body); a
+//! response whose body is dropped early, an upgraded (`101`) connection and a connection the
+//! origin closes are never reused. Idle connections older than [`IDLE_TIMEOUT`] are dropped
+//! when next looked at, and at most `max_idle` stay idle per thread.
+//!
+//! A request is retried once, on a fresh connection, only when hyper reports that it was
+//! not written at all because the pooled connection had been closed in the meantime (the
+//! origin's keep-alive timeout racing our reuse); a request that may have reached the origin
+//! is never sent twice.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use crate::body::{self, Body, BoxError};
+
+/// An idle connection unused for this long is closed instead of reused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why a request could not be sent.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be opened (refused, unresolvable, or timed out: `TimedOut`).
+    Connect(std::io::Error),
+    /// The exchange failed on an open connection.
+    Http(hyper::Error),
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// The per-thread pools for one origin.
+pub struct H1Pool {
+    /// `host:port`, resolved at each new connection.
+    target: String,
+    connect_timeout: Duration,
+    max_idle: usize,
+    shards: Box<[Mutex<Vec<Idle>>]>,
+}
+
+impl std::fmt::Debug for H1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool")
+            .field("target", &self.target)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Pool {
+    /// Pools for `target` (`host:port`), one per serving thread (`threads`).
+    pub fn new(target: String, connect_timeout: Duration, max_idle: usize, threads: usize) -> Self {
+        H1Pool {
+            target,
+            connect_timeout,
+            max_idle,
+            shards: (0..threads.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) on an idle connection of the calling
+    /// thread's pool, or on a new one.
+    ///
+    /// # Errors
+    /// [`SendError`]: no connection, or the exchange failed.
+    pub async fn send(
+        self: &Arc<Self>,
+        shard: usize,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        let shard = shard % self.shards.len();
+        if let Some(mut sender) = self.take_idle(shard) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.track(shard, sender, resp)),
+                Err(mut e) => match e.take_message() {
+                    // Not written: the connection was closed under us. Once more, fresh.
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(self.track(shard, sender, resp)),
+            Err(e) => Err(SendError::Http(e.into_error())),
+        }
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Body>, SendError> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(self.target.as_str()),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(SendError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                )))
+            }
+            Ok(Err(e)) => return Err(SendError::Connect(e)),
+            Ok(Ok(s)) => s,
+        };
+        stream.set_nodelay(true).map_err(SendError::Connect)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "origin connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The most recently used idle connection that can take a request now; drops closed and
+    /// expired ones on the way. Leaves alone those still finishing their last exchange.
+    fn take_idle(&self, shard: usize) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &idle[i];
+            if entry.sender.is_closed() || entry.since.elapsed() > IDLE_TIMEOUT {
+                // The entry moved into `i` comes from the end, already looked at.
+                idle.swap_remove(i);
+            } else if entry.sender.is_ready() {
+                return Some(idle.swap_remove(i).sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, shard: usize, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// Wraps the response so that its connection goes back to the pool at the body's end.
+    fn track(
+        self: &Arc<Self>,
+        shard: usize,
+        sender: http1::SendRequest<Body>,
+        resp: Response<Incoming>,
+    ) -> Response<Body> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection becomes the tunnel (see `proxy::tunnel`); never reused.
+            return resp.map(body::boxed);
+        }
+        if resp.body().is_end_stream() {
+            self.put(shard, sender);
+            return resp.map(body::boxed);
+        }
+        let pool = Arc::clone(self);
+        resp.map(|inner| {
+            body::boxed(Returning {
+                inner,
+                back: Some((pool, shard, sender)),
+            })
+        })
+    }
+}
+
+/// A response body that returns its connection to the pool once read to the end.
+struct Returning {
+    inner: Incoming,
+    back: Option<(Arc<H1Pool>, usize, http1::SendRequest<Body>)>,
+}
+
+impl Returning {
+    fn give_back(&mut self) {
+        if let Some((pool, shard, sender)) = self.back.take() {
+            pool.put(shard, sender);
+        }
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        // Read to the end but not polled past it: still reusable. Otherwise the unread rest
+        // would be the next response's start, so the connection is dropped (closed).
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl http_body::Body for Returning {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            // The end, or the last frame (a server stops polling once the body says it is
+            // at its end).
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
+            // A broken body: the connection is not reused (dropping it closes it).
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
