@@ -75,7 +75,9 @@ impl H1Pool {
             target,
             connect_timeout,
             max_idle,
-            shards: (0..threads.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            shards: (0..threads.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
         }
     }
 

@@ -575,9 +575,21 @@ mod tests {
             .map(|v| v.to_str().unwrap().split(';').next().unwrap())
             .collect();
         // Signed values are cookie-octets and go out as they are; a path with `%` is encoded.
-        assert!(echoed[0].contains('|') && !echoed[0].contains('%'), "{}", echoed[0]);
-        assert!(echoed[1].contains('|') && !echoed[1].contains('%'), "{}", echoed[1]);
-        assert!(echoed[2].contains("%7C") && echoed[2].contains("%2520"), "{}", echoed[2]);
+        assert!(
+            echoed[0].contains('|') && !echoed[0].contains('%'),
+            "{}",
+            echoed[0]
+        );
+        assert!(
+            echoed[1].contains('|') && !echoed[1].contains('%'),
+            "{}",
+            echoed[1]
+        );
+        assert!(
+            echoed[2].contains("%7C") && echoed[2].contains("%2520"),
+            "{}",
+            echoed[2]
+        );
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_str(&echoed.join("; ")).unwrap());
         let c = RequestCookies::parse(&h);

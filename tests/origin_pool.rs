@@ -111,7 +111,11 @@ async fn sequential_requests_share_one_connection() {
             assert_eq!(status, StatusCode::OK);
             assert_eq!(&body[..], b"small");
         }
-        assert_eq!(origin.accepted(), 1, "one keep-alive connection for 20 requests");
+        assert_eq!(
+            origin.accepted(),
+            1,
+            "one keep-alive connection for 20 requests"
+        );
     })
     .await;
 }
@@ -179,12 +183,7 @@ async fn idle_connections_are_bounded_per_thread() {
 async fn a_refused_connection_is_a_connect_error() {
     bounded(async {
         let addr = closed_port().await;
-        let pool = Arc::new(H1Pool::new(
-            addr.to_string(),
-            Duration::from_secs(2),
-            8,
-            1,
-        ));
+        let pool = Arc::new(H1Pool::new(addr.to_string(), Duration::from_secs(2), 8, 1));
         match pool.send(0, get("/")).await {
             Err(SendError::Connect(e)) => {
                 assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
