@@ -66,7 +66,10 @@ where
         // Colours on a terminal come from the default field formatter; files and journald
         // get the faster one that also escapes control characters (`logfmt`).
         LogFormat::Text if ansi => builder.try_init(),
-        LogFormat::Text => builder.fmt_fields(crate::logfmt::LineFields).try_init(),
+        LogFormat::Text => builder
+            .fmt_fields(crate::logfmt::LineFields)
+            .event_format(crate::logfmt::LineFormat::new())
+            .try_init(),
         LogFormat::Json => builder
             .json()
             .with_current_span(true)

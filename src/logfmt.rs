@@ -8,16 +8,155 @@
 //! `Display`/`Debug`. Unlike the default, control characters in any value (a newline, an
 //! ANSI escape) are always escaped, so no value can forge or colour a log line.
 //!
-//! Used for `--log-format text` when stderr is not a terminal (on a terminal the default,
-//! coloured formatter is kept). JSON lines are written by `tracing-subscriber`'s JSON
-//! formatter, which escapes by construction.
+//! [`LineFormat`] writes the rest of the line exactly as `tracing-subscriber`'s default
+//! ("full") format does without colours: `2026-11-26T17:40:01.123456Z  INFO
+//! span{fields}: target: fields`, but the date and time are formatted once per second per
+//! thread instead of for every line.
+//!
+//! Both are used for `--log-format text` when stderr is not a terminal (on a terminal the
+//! default, coloured formatter is kept). JSON lines are written by `tracing-subscriber`'s
+//! JSON formatter, which escapes by construction.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The event formatter; see the module documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct LineFormat {
+    time: bool,
+}
+
+impl LineFormat {
+    /// Lines with the UTC time first.
+    pub fn new() -> Self {
+        LineFormat { time: true }
+    }
+
+    /// Lines without the time (tests).
+    pub fn without_time() -> Self {
+        LineFormat { time: false }
+    }
+}
+
+impl Default for LineFormat {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        // Events from the `log` crate carry their real target in fields.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        if self.time {
+            write_now(&mut writer)?;
+            writer.write_char(' ')?;
+        }
+        writer.write_str(match *meta.level() {
+            Level::TRACE => "TRACE ",
+            Level::DEBUG => "DEBUG ",
+            Level::INFO => " INFO ",
+            Level::WARN => " WARN ",
+            Level::ERROR => "ERROR ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut seen = false;
+            for span in scope.from_root() {
+                writer.write_str(span.metadata().name())?;
+                seen = true;
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>() {
+                    if !fields.is_empty() {
+                        writer.write_char('{')?;
+                        writer.write_str(fields)?;
+                        writer.write_char('}')?;
+                    }
+                }
+                writer.write_char(':')?;
+            }
+            if seen {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
+
+thread_local! {
+    /// The second last formatted on this thread and its text (`2026-11-26T17:40:01`).
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Writes the current UTC time as RFC 3339 with microseconds (`…T17:40:01.123456Z`).
+fn write_now(writer: &mut Writer<'_>) -> fmt::Result {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        let secs = now.as_secs();
+        if cached.0 != secs {
+            cached.1.clear();
+            write_second(&mut cached.1, secs)?;
+            cached.0 = secs;
+        }
+        writer.write_str(&cached.1)
+    })?;
+    write_micros(writer, now.subsec_micros())?;
+    writer.write_char('Z')
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a unix time in seconds, UTC.
+fn write_second(out: &mut String, secs: u64) -> fmt::Result {
+    let t = i64::try_from(secs)
+        .ok()
+        .and_then(|s| cookie::time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(cookie::time::OffsetDateTime::UNIX_EPOCH);
+    write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// `.uuuuuu`.
+fn write_micros(writer: &mut Writer<'_>, micros: u32) -> fmt::Result {
+    let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0'];
+    let mut rest = micros.min(999_999);
+    for d in digits[1..].iter_mut().rev() {
+        // `rest % 10` is a single digit.
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    writer.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+}
 
 /// The field formatter; see the module documentation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -158,9 +297,9 @@ mod tests {
         tracing::subscriber::with_default(sub, &log);
         let o = ours.clone();
         let sub = tracing_subscriber::fmt()
-            .without_time()
             .with_ansi(false)
             .fmt_fields(LineFields)
+            .event_format(LineFormat::without_time())
             .with_writer(move || o.clone())
             .finish();
         tracing::subscriber::with_default(sub, &log);
@@ -189,9 +328,36 @@ mod tests {
                 "request"
             );
             tracing::warn!(r#type = "x", "merchant said {}", 502);
+            drop(_e);
+            let outer = tracing::info_span!("outer", n = 1);
+            let _o = outer.enter();
+            tracing::info_span!("empty")
+                .in_scope(|| tracing::error!(target: "elsewhere", ok = false));
+            tracing::debug!("not shown at the default level");
         });
+        assert_eq!(default.lines().count(), 3, "{default}");
         assert!(default.contains("status=200"), "{default}");
         assert_eq!(ours, default);
+    }
+
+    #[test]
+    fn the_time_is_rfc3339_utc_with_microseconds() {
+        let mut s = String::new();
+        write_second(&mut s, 1_795_714_801).unwrap();
+        assert_eq!(s, "2026-11-26T17:40:01");
+        write_second(&mut s, 0).unwrap();
+        assert_eq!(&s[19..], "1970-01-01T00:00:00");
+        let mut line = String::new();
+        write_micros(&mut Writer::new(&mut line), 4_567).unwrap();
+        assert_eq!(line, ".004567");
+        let mut line = String::new();
+        write_now(&mut Writer::new(&mut line)).unwrap();
+        let shape = line
+            .bytes()
+            .map(|b| if b.is_ascii_digit() { b'9' } else { b })
+            .collect::<Vec<u8>>();
+        assert_eq!(shape, b"9999-99-99T99:99:99.999999Z", "{line}");
+        assert!(line.starts_with("20"), "{line}");
     }
 
     #[test]
