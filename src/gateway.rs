@@ -142,8 +142,8 @@ impl RequestContext<'_> {
     /// The facts [`OriginClient::forward`] needs.
     pub fn forward_context(&self) -> ForwardContext<'_> {
         ForwardContext {
-            // `::ffff:1.2.3.4` (a dual-stack listener) is logged and forwarded as `1.2.3.4`.
-            peer: self.conn.peer.ip().to_canonical(),
+            // `::ffff:1.2.3.4` (a dual-stack listener) is forwarded as `1.2.3.4`.
+            peer: &self.conn.peer_ip_text,
             peer_trusted: self.peer_trusted,
             tls: self.conn.tls,
             request_id: &self.request_id,
@@ -273,6 +273,7 @@ impl Gateway {
         let snapshot = self.app.load_full();
         let app: &App = &snapshot;
         let peer_trusted = app.trusts(conn.peer.ip());
+        let peer = conn.peer_text.clone();
         let ctx = RequestContext {
             app,
             conn,
@@ -304,7 +305,7 @@ impl Gateway {
             Ok(resp) => {
                 info!(
                     id = %id,
-                    peer = %conn.peer,
+                    peer = %peer,
                     %method,
                     %path,
                     protected = outcome.protected,
@@ -319,11 +320,11 @@ impl Gateway {
                 let status = err.status();
                 let cause = ErrorChain(&err);
                 if status.is_server_error() {
-                    warn!(id = %id, peer = %conn.peer, %method, %path,
+                    warn!(id = %id, peer = %peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request failed");
                 } else {
-                    info!(id = %id, peer = %conn.peer, %method, %path,
+                    info!(id = %id, peer = %peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,
                         error = %cause, "request refused");
                 }

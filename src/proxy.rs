@@ -22,7 +22,6 @@
 
 use std::cell::Cell;
 use std::error::Error as StdError;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +44,9 @@ use crate::path::NormalizedPath;
 /// Per-request facts the proxy needs besides the request itself.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardContext<'a> {
-    /// The TCP peer's address.
-    pub peer: IpAddr,
+    /// The TCP peer's IP address as text (`::ffff:`-mapped addresses as IPv4), as appended
+    /// to `X-Forwarded-For`.
+    pub peer: &'a str,
     /// Whether the peer is in `server.trusted_proxies`, so its `X-Forwarded-*` are believed.
     pub peer_trusted: bool,
     /// Whether the client reached the gateway over TLS (`X-Forwarded-Proto: https`).
@@ -655,16 +655,15 @@ impl ForwardedChain {
     }
 
     fn apply(self, headers: &mut HeaderMap, ctx: &ForwardContext<'_>, host: Option<&HeaderValue>) {
-        let peer = ctx.peer.to_string();
         let for_ = match self.for_ {
             Some(mut chain) => {
                 chain.push_str(", ");
-                chain.push_str(&peer);
-                chain
+                chain.push_str(ctx.peer);
+                HeaderValue::try_from(chain)
             }
-            None => peer,
+            None => HeaderValue::from_str(ctx.peer),
         };
-        if let Ok(v) = HeaderValue::try_from(for_) {
+        if let Ok(v) = for_ {
             headers.insert(X_FORWARDED_FOR, v);
         }
         let proto = self
@@ -814,7 +813,7 @@ mod tests {
     fn forwarded_chain_trusts_only_trusted_peers() {
         let rid = HeaderValue::from_static("rid");
         let ctx = |trusted| ForwardContext {
-            peer: "10.0.0.1".parse().unwrap(),
+            peer: "10.0.0.1",
             peer_trusted: trusted,
             tls: true,
             request_id: &rid,

@@ -52,7 +52,7 @@ use crate::body::{Body, BoxError};
 use crate::config::ServerConfig;
 
 /// What the server knows about the connection a request arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     /// The client's address (the TCP peer; maybe a proxy in front of the gateway).
     pub peer: SocketAddr,
@@ -60,6 +60,25 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// Whether the gateway terminated TLS on this connection.
     pub tls: bool,
+    /// `peer` as text (`1.2.3.4:5678`), formatted once per connection: every request's log
+    /// line shows it.
+    pub peer_text: Arc<str>,
+    /// The peer's IP as text, `::ffff:`-mapped addresses as IPv4: what every forwarded
+    /// request appends to `X-Forwarded-For`.
+    pub peer_ip_text: Arc<str>,
+}
+
+impl ConnInfo {
+    /// The facts of a connection from `peer`, accepted on `local`.
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool) -> Self {
+        ConnInfo {
+            peer,
+            local,
+            tls,
+            peer_text: peer.to_string().into(),
+            peer_ip_text: peer.ip().to_canonical().to_string().into(),
+        }
+    }
 }
 
 /// Answers one request. Implemented by [`crate::gateway::Gateway`]; tests can implement it
@@ -365,11 +384,7 @@ pub async fn run<H: Handler>(
             opts: opts.clone(),
             tls: tls.clone(),
             stop: stop_rx.clone(),
-            info: ConnInfo {
-                peer,
-                local,
-                tls: tls.is_some(),
-            },
+            info: ConnInfo::new(peer, local, tls.is_some()),
         };
         let open = opts.open_connections.clone().map(OpenConnection::new);
         conns.spawn(async move {
@@ -455,13 +470,14 @@ impl<H: Handler> Conn<H> {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let handler = self.handler.clone();
-        let info = self.info;
+        let info = self.info.clone();
         let tracker = activity.clone();
         // `service_fn` keeps the per-request future unboxed; the only per-request costs here
         // are an `Arc` clone and the in-flight counter.
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = InFlight::enter(&tracker, req.version() == http::Version::HTTP_2);
             let handler = handler.clone();
+            let info = info.clone();
             async move {
                 let resp = handler.call(req, info).await;
                 Ok::<_, Infallible>(resp.map(|inner| TrackedBody {

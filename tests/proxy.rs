@@ -638,18 +638,18 @@ async fn the_pipeline_runs_without_a_socket() {
         let config = parse_config(&ConfigBuilder::new(&origin.url()).build(), "127.0.0.1:0");
         let app = taler_paywall::gateway::App::new(config).unwrap();
         let gw = taler_paywall::gateway::Gateway::new(Arc::new(app));
-        let conn = taler_paywall::server::ConnInfo {
-            peer: "192.0.2.7:5000".parse().unwrap(),
-            local: "127.0.0.1:8080".parse().unwrap(),
-            tls: true,
-        };
+        let conn = taler_paywall::server::ConnInfo::new(
+            "192.0.2.7:5000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+            true,
+        );
         let req = http::Request::builder()
             .method("PUT")
             .uri("/free/doc")
             .header("host", "shop.example")
             .body(Full::new(Bytes::from_static(b"payload")))
             .unwrap();
-        let resp = gw.handle(req, conn).await;
+        let resp = gw.handle(req, conn.clone()).await;
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "payload");
