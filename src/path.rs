@@ -109,6 +109,56 @@ const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 /// # Errors
 /// A [`PathError`] for anything that cannot be normalised without ambiguity.
 pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
+    if is_already_normal(raw) {
+        return Ok(NormalizedPath(raw.to_owned()));
+    }
+    normalize_in_full(raw)
+}
+
+/// Whether [`normalize_in_full`] would return `raw` unchanged, decided in one pass for the
+/// common case: absolute, only plain path characters (no `%`, `;`, backslash or controls), no
+/// empty segment but a trailing one, no `.` or `..` segment.
+fn is_already_normal(raw: &str) -> bool {
+    let Some(rest) = raw.strip_prefix('/') else {
+        return false;
+    };
+    let plain = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'/' | b'-'
+                    | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+            )
+    };
+    if !rest.bytes().all(plain) {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if (seg.is_empty() && !last) || seg == "." || seg == ".." {
+            return false;
+        }
+    }
+    true
+}
+
+/// The full normalisation (see [`normalize`]).
+fn normalize_in_full(raw: &str) -> Result<NormalizedPath, PathError> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
@@ -193,6 +243,29 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The one-pass shortcut never changes an answer.
+        #[test]
+        fn the_shortcut_agrees_with_the_full_normalisation(
+            raw in "/?[/a.;%2fF\\\\:@~ -]{0,16}"
+        ) {
+            proptest::prop_assert_eq!(normalize(&raw), normalize_in_full(&raw));
+        }
+    }
+
+    #[test]
+    fn the_shortcut_takes_plain_paths_only() {
+        for p in ["/", "/a", "/a/", "/a.b/c-d_e~f/", "/x:y@z/!$&'()*+,="] {
+            assert!(is_already_normal(p), "{p}");
+            assert_eq!(normalize_in_full(p).unwrap().as_str(), p);
+        }
+        for p in [
+            "", "a", "//", "/a//b", "/.", "/a/./b", "/a/..", "/%41", "/a;b", "/a\\b", "/a b",
+        ] {
+            assert!(!is_already_normal(p), "{p}");
+        }
+    }
 
     /// Accepted inputs and the one form they are both classified on and forwarded as.
     #[test]
