@@ -509,12 +509,18 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// fixed hop-by-hop list. Runs before the gateway sets any header of its own, so a client
 /// naming `X-Forwarded-For` in `Connection` only removes its own copy.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none of these: one pass over the names first, and nothing else
-    // (no hashing per listed name) when there is nothing to remove.
-    if !headers
-        .keys()
-        .any(|n| n == header::CONNECTION || HOP_BY_HOP.contains(n))
-    {
+    // One pass over the names first; afterwards only what is present is removed (most
+    // requests carry none of these, most responses only `Connection`).
+    let mut connection = false;
+    let mut present = 0u16;
+    for n in headers.keys() {
+        if n == header::CONNECTION {
+            connection = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == n) {
+            present |= 1 << i;
+        }
+    }
+    if !connection && present == 0 {
         return;
     }
     let mut named: Vec<HeaderName> = Vec::new();
@@ -535,8 +541,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
