@@ -228,13 +228,13 @@ impl Visit for LineVisitor<'_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.start(field) {
-            self.result = write!(self.writer, "{value}");
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if self.start(field) {
-            self.result = write!(self.writer, "{value}");
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
@@ -250,7 +250,11 @@ struct Escaping<'a, 'w>(&'a mut Writer<'w>);
 
 impl fmt::Write for Escaping<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let plain = |c: char| !(c.is_control());
+        // Printable ASCII, the usual case, is checked byte by byte.
+        if s.bytes().all(|b| matches!(b, 0x20..=0x7e)) {
+            return self.0.write_str(s);
+        }
+        let plain = |c: char| !c.is_control();
         if s.chars().all(plain) {
             return self.0.write_str(s);
         }
