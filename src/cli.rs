@@ -27,23 +27,18 @@ pub fn init_logging_with(format: LogFormat, level: &str) {
     init_logging_to(format, level, std::io::stderr);
 }
 
-/// Keeps the background log writer of [`init_buffered_logging`] running; dropping it writes
-/// out every line logged so far.
-#[must_use = "dropping the guard stops the log writer"]
+/// Returned by [`init_buffered_logging`]; kept for the life of `serve`.
+#[must_use = "keep the guard until the process ends"]
 #[derive(Debug)]
-pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+pub struct LogGuard(());
 
-/// Like [`init_logging_with`], but the lines are handed to a background thread that writes
-/// them to stderr in batches (nothing is dropped: a logging thread waits when the queue is
-/// full). Keep the guard until the process ends; dropping it flushes.
+/// Like [`init_logging_with`], but the serving threads of `serve` write their lines in
+/// batches ([`crate::logfmt::LineSink`]): nothing is dropped, a line reaches stderr within
+/// [`crate::logfmt::BATCH_INTERVAL`], and every serving thread writes out the rest before it
+/// ends. Other threads write each line at once.
 pub fn init_buffered_logging(format: LogFormat, level: &str) -> LogGuard {
-    let out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        .finish(out);
-    init_logging_to(format, level, writer);
-    LogGuard(guard)
+    init_logging_to(format, level, crate::logfmt::LineSink);
+    LogGuard(())
 }
 
 fn init_logging_to<W>(format: LogFormat, level: &str, writer: W)

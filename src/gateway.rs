@@ -813,6 +813,9 @@ async fn serve_per_thread(
             .name(format!("serve-{index}"))
             .spawn(move || {
                 crate::proxy::enter_serving_thread(index);
+                // Log lines collect per thread and are written out every tick and at the end
+                // (`logfmt::LineSink`).
+                let batch = crate::logfmt::batch_this_thread();
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -820,12 +823,24 @@ async fn serve_per_thread(
                     .and_then(|rt| {
                         rt.block_on(async move {
                             let listener = TcpListener::from_std(std_listener)?;
+                            tokio::spawn(async {
+                                let mut tick = tokio::time::interval(crate::logfmt::BATCH_INTERVAL);
+                                tick.set_missed_tick_behavior(
+                                    tokio::time::MissedTickBehavior::Delay,
+                                );
+                                loop {
+                                    tick.tick().await;
+                                    crate::logfmt::flush_batch();
+                                }
+                            });
                             let until = async move {
                                 let _ = stopped.wait_for(|s| *s).await;
                             };
                             server::run(listener, gateway, opts, until).await
                         })
                     });
+                // Everything this thread logged is out before `serve` logs that it stopped.
+                drop(batch);
                 let _ = tx.send(result);
             })
             .context("cannot start a serving thread")?;

@@ -19,14 +19,15 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::io::{self, Write as _};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
 /// The event formatter; see the module documentation.
@@ -156,6 +157,105 @@ fn write_micros(writer: &mut Writer<'_>, micros: u32) -> fmt::Result {
         rest /= 10;
     }
     writer.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+}
+
+/// Where `serve` writes its log lines: stderr, in batches on the serving threads.
+///
+/// A serving thread (see [`batch_this_thread`]) collects its lines in a buffer of its own and
+/// writes them to stderr in one `write` when [`BATCH_BYTES`] have collected, when its
+/// [`BATCH_INTERVAL`] tick calls [`flush_batch`], and when it ends; so a line reaches stderr
+/// at most [`BATCH_INTERVAL`] after it was logged, and no line is lost at exit. Every other
+/// thread writes each line at once. No thread ever waits for or wakes another to log (a
+/// background writer thread woke for nearly every request line, which cost more than
+/// formatting it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineSink;
+
+/// What a serving thread collects before it writes.
+pub const BATCH_BYTES: usize = 32 * 1024;
+
+/// How often a serving thread writes out what it has collected.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// The lines collected by this thread; `None` on threads that write each line at once.
+    static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Makes the calling thread collect its log lines (see [`LineSink`]) until the returned guard
+/// is dropped, which writes out what is left (also when the thread unwinds).
+#[must_use = "dropping the guard ends batching"]
+pub fn batch_this_thread() -> BatchGuard {
+    BATCH.with(|b| *b.borrow_mut() = Some(Vec::with_capacity(BATCH_BYTES + 4096)));
+    BatchGuard(())
+}
+
+/// Writes out the lines the calling thread has collected.
+pub fn flush_batch() {
+    BATCH.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            if let Some(buf) = b.as_mut() {
+                write_out(buf);
+            }
+        }
+    });
+}
+
+/// Ends [`batch_this_thread`]; see there.
+#[derive(Debug)]
+pub struct BatchGuard(());
+
+impl Drop for BatchGuard {
+    fn drop(&mut self) {
+        flush_batch();
+        BATCH.with(|b| {
+            if let Ok(mut b) = b.try_borrow_mut() {
+                *b = None;
+            }
+        });
+    }
+}
+
+fn write_out(buf: &mut Vec<u8>) {
+    if !buf.is_empty() {
+        // Nowhere to report a failed write to stderr.
+        let _ = io::stderr().lock().write_all(buf);
+        buf.clear();
+    }
+}
+
+impl<'a> MakeWriter<'a> for LineSink {
+    type Writer = LineSink;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineSink
+    }
+}
+
+impl io::Write for LineSink {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        let collected = BATCH.with(|b| {
+            let Ok(mut b) = b.try_borrow_mut() else {
+                return false;
+            };
+            let Some(buf) = b.as_mut() else {
+                return false;
+            };
+            buf.extend_from_slice(line);
+            if buf.len() >= BATCH_BYTES {
+                write_out(buf);
+            }
+            true
+        });
+        if !collected {
+            io::stderr().lock().write_all(line)?;
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The field formatter; see the module documentation.

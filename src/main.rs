@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         } => {
             let log = taler_paywall::cli::init_buffered_logging(log_format, &log_level);
             let result = taler_paywall::cli::serve(&config);
-            // Writes out the buffered lines before the error line below.
+            // The serving threads have written out their lines when `serve` returns.
             drop(log);
             result
         }
