@@ -455,6 +455,10 @@ impl Gateway {
 /// Origin responses on protected paths must never be stored by shared caches: `public` and
 /// `s-maxage` are dropped and `private` added (unless the origin already said `no-store`).
 fn make_private(headers: &mut http::HeaderMap) {
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        return;
+    }
     let mut directives: Vec<String> = Vec::new();
     for v in headers.get_all(header::CACHE_CONTROL) {
         let Ok(s) = v.to_str() else { continue };

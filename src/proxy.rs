@@ -691,11 +691,11 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
         return;
     }
     let is_gateways = |pair: &[u8]| {
-        let name = pair
-            .split(|b| *b == b'=')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
+        let name = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => &pair[..i],
+            None => pair,
+        };
+        let name = name.trim_ascii();
         prefixes.iter().any(|p| name.starts_with(p.as_bytes()))
     };
     let pairs = |headers: &HeaderMap| -> bool {
