@@ -141,6 +141,53 @@ async fn a_100_mib_response_and_upload_stream_through_the_binary_with_flat_memor
     .await;
 }
 
+/// The serving threads listen with `SO_REUSEPORT`, which would let a second gateway of the
+/// same user bind the same port and take half the connections: a second `serve` on a running
+/// gateway's address must fail at startup instead.
+#[tokio::test]
+async fn a_second_gateway_cannot_share_a_running_gateways_port() {
+    bounded(async {
+        let template = ConfigBuilder::new("http://127.0.0.1:9").build();
+        let mut first =
+            BinaryGateway::start_with_env(&template, &[("TALER_PAYWALL_WORKER_THREADS", "2")])
+                .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            template.replace("{{listen}}", &first.addr.to_string()),
+        )
+        .unwrap();
+        let mut second = std::process::Command::new(BinaryGateway::exe())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("TALER_PAYWALL_WORKER_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It must give up at once; one that keeps running shares the port.
+        let mut waited = Duration::ZERO;
+        while second.try_wait().unwrap().is_none() {
+            if waited > Duration::from_secs(10) {
+                let _ = second.kill();
+                panic!("a second gateway is serving on {}", first.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+        let out = second.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot listen on"), "{stderr}");
+        // The first one still answers (its origin is down: a 502 of its own).
+        let resp = get(first.addr, "/free/still-here").await;
+        assert_eq!(resp.status, StatusCode::BAD_GATEWAY);
+        first.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn serve_fails_with_a_one_line_reason_when_the_port_is_in_use() {
     bounded(async {
