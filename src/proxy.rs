@@ -1,5 +1,5 @@
-//! Forwarding to the origin: one pooled client, the request rewritten for the origin, and both
-//! bodies streamed through without buffering.
+//! Forwarding to the origin: pooled connections (see [`crate::origin_pool`] for `http` origins),
+//! the request rewritten for the origin, and both bodies streamed through without buffering.
 //!
 //! What [`OriginClient::forward`] does to a request, in order:
 //! 1. refuses a `Content-Length` above `limits.max_request_body` (413) and caps a body of
@@ -187,9 +187,11 @@ impl OriginClient {
             .map_err(classify)
     }
 
-    /// Builds the pooled client from `[origin]` and `[limits]`: HTTP/1.1, and HTTP/2 when an
-    /// `https` origin offers it; certificates checked against the public web PKI roots, or
-    /// only against `origin.ca_file` when set.
+    /// Builds the pooled client from `[origin]` and `[limits]`: for an `http` origin the
+    /// gateway's own HTTP/1.1 keep-alive pool ([`crate::origin_pool`]); for an `https` origin
+    /// hyper-util's client, HTTP/1.1 and HTTP/2 when the origin offers it, certificates checked
+    /// against the public web PKI roots, or only against `origin.ca_file` when set (the TLS
+    /// configuration is built and `ca_file` checked for either scheme).
     ///
     /// `origin.connect_timeout` bounds the TCP connect; the TLS handshake is bounded by
     /// `origin.response_timeout`, which covers everything up to the response head.
@@ -249,44 +251,37 @@ impl OriginClient {
             .enable_http2()
             .wrap_connector(http);
         let threads = SERVING_THREADS.load(Ordering::Relaxed).max(1);
-        if scheme == Scheme::HTTP {
+        let (clients, plain) = if scheme == Scheme::HTTP {
             let port = url.port_or_known_default().unwrap_or(80);
             let target = match url.host() {
                 Some(url::Host::Ipv6(ip)) => format!("[{ip}]:{port}"),
                 _ => format!("{host}:{port}"),
             };
-            return Ok(OriginClient {
-                clients: Box::new([]),
-                plain: Some(Arc::new(H1Pool::new(
-                    target,
-                    origin.connect_timeout,
-                    origin.max_idle_per_host,
-                    threads,
-                ))),
-                scheme,
-                authority,
-                prefix,
-                origin_host,
-                host_header: origin.host_header,
-                response_timeout: origin.response_timeout,
-                max_request_body: config.limits.max_request_body,
-            });
-        }
-        let clients = (0..threads)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(origin.max_idle_per_host)
-                    // `forward` always sets `Host` itself.
-                    .set_host(false)
-                    .build(connector.clone())
-            })
-            .collect();
+            let pool = H1Pool::new(
+                target,
+                origin.connect_timeout,
+                origin.max_idle_per_host,
+                threads,
+            );
+            (Box::default(), Some(Arc::new(pool)))
+        } else {
+            let clients = (0..threads)
+                .map(|_| {
+                    Client::builder(TokioExecutor::new())
+                        .pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .pool_idle_timeout(Duration::from_secs(90))
+                        .pool_max_idle_per_host(origin.max_idle_per_host)
+                        // `forward` always sets `Host` itself.
+                        .set_host(false)
+                        .build(connector.clone())
+                })
+                .collect();
+            (clients, None)
+        };
         Ok(OriginClient {
             clients,
-            plain: None,
+            plain,
             scheme,
             authority,
             prefix,
