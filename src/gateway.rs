@@ -273,7 +273,6 @@ impl Gateway {
         let snapshot = self.app.load_full();
         let app: &App = &snapshot;
         let peer_trusted = app.trusts(conn.peer.ip());
-        let peer = conn.peer_text.clone();
         let ctx = RequestContext {
             app,
             conn,
@@ -285,6 +284,7 @@ impl Gateway {
         let version = req.version();
         // The id is hex or a trusted proxy's plain token: shown as is (Display, no quoting).
         let id = ctx.request_id.to_str().unwrap_or("-");
+        let peer = &ctx.conn.peer_text;
         let mut outcome = Outcome::default();
         let result = self.handle_inner(req, &ctx, &mut outcome).await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -156,17 +156,11 @@ pub fn enter_serving_thread(index: usize) {
 }
 
 impl OriginClient {
-    /// Sends the finished upstream request through the calling thread's pool.
-    async fn send(&self, mut upstream: Request<Body>) -> Result<Response<Body>, ProxyError> {
+    /// Sends the finished upstream request (origin-form target for the plain pool, absolute for
+    /// hyper-util's client) through the calling thread's pool.
+    async fn send(&self, upstream: Request<Body>) -> Result<Response<Body>, ProxyError> {
         let thread = SERVING_THREAD.with(Cell::get);
         if let Some(pool) = &self.plain {
-            // hyper's connection writes the target as given: origin-form for an origin.
-            let pq = upstream
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *upstream.uri_mut() = Uri::from(pq);
             return match pool.send(thread, upstream).await {
                 Ok(resp) => Ok(resp),
                 Err(SendError::Connect(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -380,11 +374,16 @@ impl OriginClient {
             pq.push('?');
             pq.push_str(q);
         }
-        let uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()?;
+        let uri = if self.plain.is_some() {
+            // hyper's connection writes the target as given: origin-form for an origin.
+            Uri::from(PathAndQuery::try_from(pq).map_err(http::Error::from)?)
+        } else {
+            Uri::builder()
+                .scheme(self.scheme.clone())
+                .authority(self.authority.clone())
+                .path_and_query(pq)
+                .build()?
+        };
 
         let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method;

@@ -264,8 +264,9 @@ pub fn cookie_path(settings: &CookieSettings, resource: &str, fallback: &str) ->
 /// The gateway's cookies of a request, parsed once. Only pairs whose name is one of ours are
 /// kept; the site's cookies are skipped without allocating. A pair is split as `cookie`'s
 /// parser splits it (name before the first `=`, both sides trimmed); the value is
-/// percent-decoded only when it holds a `%` (the gateway's own values never do since they are
-/// written unencoded, see [`CookieSettings`]; older cookies were written encoded).
+/// percent-decoded only when it holds a `%`: signed session and order values are written
+/// unencoded (see [`CookieSettings`]) and need no decoding; return-to values and cookies
+/// written before that change are encoded.
 #[derive(Debug, Default)]
 pub struct RequestCookies<'a> {
     cookies: Vec<(&'a str, Cow<'a, str>)>,
