@@ -24,7 +24,7 @@ pub fn init_logging() {
 /// Sets up `tracing` to stderr. `RUST_LOG`, when set, overrides `level`. ANSI colours are
 /// used only when stderr is a terminal (never in files or journald).
 pub fn init_logging_with(format: LogFormat, level: &str) {
-    init_logging_to(format, level, std::io::stderr);
+    init_logging_to(format, level, std::io::stderr, false);
 }
 
 /// Returned by [`init_buffered_logging`]; kept for the life of `serve`.
@@ -37,11 +37,13 @@ pub struct LogGuard(());
 /// [`crate::logfmt::BATCH_INTERVAL`], and every serving thread writes out the rest before it
 /// ends. Other threads write each line at once.
 pub fn init_buffered_logging(format: LogFormat, level: &str) -> LogGuard {
-    init_logging_to(format, level, crate::logfmt::LineSink);
+    init_logging_to(format, level, crate::logfmt::LineSink, true);
     LogGuard(())
 }
 
-fn init_logging_to<W>(format: LogFormat, level: &str, writer: W)
+/// `direct`: the writer is [`crate::logfmt::LineSink`], so request lines may bypass the
+/// formatter ([`crate::logfmt::RequestLine`]) when it is the text one.
+fn init_logging_to<W>(format: LogFormat, level: &str, writer: W, direct: bool)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
@@ -61,10 +63,16 @@ where
         // Colours on a terminal come from the default field formatter; files and journald
         // get the faster one that also escapes control characters (`logfmt`).
         LogFormat::Text if ansi => builder.try_init(),
-        LogFormat::Text => builder
-            .fmt_fields(crate::logfmt::LineFields)
-            .event_format(crate::logfmt::LineFormat::new())
-            .try_init(),
+        LogFormat::Text => {
+            let installed = builder
+                .fmt_fields(crate::logfmt::LineFields)
+                .event_format(crate::logfmt::LineFormat::new())
+                .try_init();
+            if installed.is_ok() && direct {
+                crate::logfmt::enable_direct_lines();
+            }
+            installed
+        }
         LogFormat::Json => builder
             .json()
             .with_current_span(true)

@@ -287,7 +287,8 @@ impl Gateway {
         let peer = &ctx.conn.peer_text;
         let mut outcome = Outcome::default();
         let result = self.handle_inner(req, &ctx, &mut outcome).await;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed_ms = micros as f64 / 1000.0;
         let path = outcome.path.as_ref().map_or("-", NormalizedPath::as_str);
         match &result {
             // Protected requests are counted where the payment decision is made.
@@ -303,17 +304,32 @@ impl Gateway {
         }
         match result {
             Ok(resp) => {
-                info!(
-                    id = %id,
-                    peer = %peer,
-                    %method,
-                    %path,
-                    protected = outcome.protected,
-                    status = resp.status().as_u16(),
-                    bytes = http_body::Body::size_hint(resp.body()).exact(),
-                    ms = elapsed_ms,
-                    "request"
-                );
+                if tracing::enabled!(tracing::Level::INFO) {
+                    let line = crate::logfmt::RequestLine {
+                        id,
+                        peer,
+                        method: method.as_str(),
+                        path,
+                        protected: outcome.protected,
+                        status: resp.status().as_u16(),
+                        bytes: http_body::Body::size_hint(resp.body()).exact(),
+                        micros,
+                    };
+                    // The same line either way; see `RequestLine`.
+                    if !line.write_direct(module_path!()) {
+                        info!(
+                            id = %line.id,
+                            peer = %line.peer,
+                            method = %line.method,
+                            path = %line.path,
+                            protected = line.protected,
+                            status = line.status,
+                            bytes = line.bytes,
+                            ms = line.ms(),
+                            "request"
+                        );
+                    }
+                }
                 resp
             }
             Err(err) => {
