@@ -640,16 +640,24 @@ fn transfer_encoding_is_plain_chunked(headers: &http::HeaderMap) -> bool {
 /// `Host` is `uri-host [ ":" port ]` with `port = *DIGIT` (RFC 9110 §7.2, §4.1); `Authority`
 /// alone also accepts `host:name`.
 fn port_is_valid(authority: &http::uri::Authority) -> bool {
-    let s = authority.as_str();
-    let after_host = match s.rfind(']') {
-        Some(i) => &s[i + 1..],
-        None => s,
+    let s = authority.as_str().as_bytes();
+    // The port is what follows the last `:` after an IPv6 literal's `]`.
+    let host_end = memchr::memrchr(b']', s).map_or(0, |i| i + 1);
+    let after_host = &s[host_end..];
+    let Some(colon) = memchr::memrchr(b':', after_host) else {
+        return true;
     };
-    match after_host.rsplit_once(':') {
-        None => true,
-        Some((_, "")) => true,
-        Some(_) => authority.port_u16().is_some(),
-    }
+    // Digits only (no sign), at most 65535; an empty port is allowed.
+    after_host[colon + 1..]
+        .iter()
+        .try_fold(0u32, |n, &b| {
+            if b.is_ascii_digit() {
+                Some(n * 10 + u32::from(b - b'0')).filter(|n| *n <= u32::from(u16::MAX))
+            } else {
+                None
+            }
+        })
+        .is_some()
 }
 
 /// Step 3: the canonical path, used for the decision and as the forwarded path. An

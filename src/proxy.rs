@@ -504,7 +504,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// naming `X-Forwarded-For` in `Connection` only removes its own copy.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first; afterwards only what is present is removed (most
-    // requests carry none of these, most responses only `Connection`).
+    // requests carry none of these, most responses only `Connection: keep-alive`).
     let mut connection = false;
     let mut present = 0u16;
     for n in headers.keys() {
@@ -517,11 +517,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !connection && present == 0 {
         return;
     }
+    // The headers `Connection` names. `keep-alive` is in `HOP_BY_HOP` already and `close`
+    // names no header, so the usual values need no `HeaderName` and no list.
     let mut named: Vec<HeaderName> = Vec::new();
     for v in headers.get_all(header::CONNECTION) {
         for token in v.as_bytes().split(|b| *b == b',') {
             let token = token.trim_ascii();
-            if token.is_empty() {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"close")
+            {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token) {
@@ -531,7 +536,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    headers.remove(header::CONNECTION);
+    if connection {
+        headers.remove(header::CONNECTION);
+    }
     for name in named {
         headers.remove(name);
     }
@@ -681,31 +688,34 @@ impl ForwardedChain {
 /// Removes cookies whose names start with one of `prefixes`; rewrites `Cookie` only if one
 /// was removed, so the site's cookies reach it byte for byte otherwise.
 fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
-    if prefixes.is_empty() {
+    // A cookie named with a prefix holds the prefix somewhere; one vectorised search per
+    // prefix settles the usual case (no gateway cookie) without splitting the header.
+    let mentioned = headers.get_all(header::COOKIE).iter().any(|v| {
+        prefixes
+            .iter()
+            .any(|p| memchr::memmem::find(v.as_bytes(), p.as_bytes()).is_some())
+    });
+    if !mentioned {
         return;
     }
     let is_gateways = |pair: &[u8]| {
-        let name = match pair.iter().position(|b| *b == b'=') {
-            Some(i) => &pair[..i],
-            None => pair,
-        };
+        let name = memchr::memchr(b'=', pair).map_or(pair, |i| &pair[..i]);
         let name = name.trim_ascii();
         prefixes.iter().any(|p| name.starts_with(p.as_bytes()))
     };
-    let pairs = |headers: &HeaderMap| -> bool {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .any(|v| v.as_bytes().split(|b| *b == b';').any(&is_gateways))
-    };
-    if !pairs(headers) {
-        return;
-    }
     let mut kept: Vec<u8> = Vec::new();
+    let mut removed = false;
     for v in headers.get_all(header::COOKIE) {
-        for pair in v.as_bytes().split(|b| *b == b';') {
-            let pair = pair.trim_ascii();
-            if pair.is_empty() || is_gateways(pair) {
+        let bytes = v.as_bytes();
+        let mut from = 0;
+        for end in memchr::memchr_iter(b';', bytes).chain(std::iter::once(bytes.len())) {
+            let pair = bytes[from..end].trim_ascii();
+            from = end + 1;
+            if pair.is_empty() {
+                continue;
+            }
+            if is_gateways(pair) {
+                removed = true;
                 continue;
             }
             if !kept.is_empty() {
@@ -713,6 +723,9 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
             }
             kept.extend_from_slice(pair);
         }
+    }
+    if !removed {
+        return;
     }
     headers.remove(header::COOKIE);
     if !kept.is_empty() {

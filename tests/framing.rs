@@ -397,6 +397,9 @@ async fn absolute_form_and_host_tricks_never_open_a_protected_path() {
             ("/articles/x", "127.0.0.1:1"),
             ("/articles/x", "[::1]:80"),
             ("/premium/", "gateway.test:80"),
+            ("/articles/x", "g:65535"),
+            ("/articles/x", "g:00080"),
+            ("/articles/x", "[::1]:"),
         ] {
             let req = format!(
                 "GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\
@@ -417,7 +420,10 @@ async fn absolute_form_and_host_tricks_never_open_a_protected_path() {
             "g:port",
             "g:99999",
             "g:8o",
+            "g:+80",
+            "g:65536",
             "[::1]:x",
+            "[::1]:+1",
         ] {
             let req = format!("GET /articles/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
             let r = raw(shop.addr, req.as_bytes()).await;
