@@ -688,34 +688,34 @@ impl ForwardedChain {
 /// Removes cookies whose names start with one of `prefixes`; rewrites `Cookie` only if one
 /// was removed, so the site's cookies reach it byte for byte otherwise.
 fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
-    // A cookie named with a prefix holds the prefix somewhere; one vectorised search per
-    // prefix settles the usual case (no gateway cookie) without splitting the header.
-    let mentioned = headers.get_all(header::COOKIE).iter().any(|v| {
-        prefixes
-            .iter()
-            .any(|p| memchr::memmem::find(v.as_bytes(), p.as_bytes()).is_some())
-    });
-    if !mentioned {
-        return;
-    }
     let is_gateways = |pair: &[u8]| {
         let name = memchr::memchr(b'=', pair).map_or(pair, |i| &pair[..i]);
         let name = name.trim_ascii();
         prefixes.iter().any(|p| name.starts_with(p.as_bytes()))
     };
-    let mut kept: Vec<u8> = Vec::new();
-    let mut removed = false;
-    for v in headers.get_all(header::COOKIE) {
-        let bytes = v.as_bytes();
+    // The pairs of a header value, split where `cookie`'s parser splits them.
+    fn pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         let mut from = 0;
-        for end in memchr::memchr_iter(b';', bytes).chain(std::iter::once(bytes.len())) {
-            let pair = bytes[from..end].trim_ascii();
-            from = end + 1;
-            if pair.is_empty() {
-                continue;
-            }
-            if is_gateways(pair) {
-                removed = true;
+        memchr::memchr_iter(b';', value)
+            .chain(std::iter::once(value.len()))
+            .map(move |end| {
+                let pair = value[from..end].trim_ascii();
+                from = end + 1;
+                pair
+            })
+    }
+    // Looking comes first, so that a request without gateway cookies costs no copy.
+    let ours = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|v| pairs(v.as_bytes()).any(is_gateways));
+    if !ours {
+        return;
+    }
+    let mut kept: Vec<u8> = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        for pair in pairs(v.as_bytes()) {
+            if pair.is_empty() || is_gateways(pair) {
                 continue;
             }
             if !kept.is_empty() {
@@ -723,9 +723,6 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
             }
             kept.extend_from_slice(pair);
         }
-    }
-    if !removed {
-        return;
     }
     headers.remove(header::COOKIE);
     if !kept.is_empty() {

@@ -281,16 +281,21 @@ impl<'a> RequestCookies<'a> {
         let mut cookies = Vec::new();
         for v in headers.get_all(COOKIE) {
             let Ok(s) = v.to_str() else { continue };
-            for pair in s.split(';') {
-                let Some((name, value)) = pair.split_once('=') else {
+            let bytes = s.as_bytes();
+            let mut from = 0;
+            // `;` and `=` are ASCII, so every cut is a char boundary.
+            for end in memchr::memchr_iter(b';', bytes).chain(std::iter::once(bytes.len())) {
+                let pair = &s[from..end];
+                from = end + 1;
+                let Some(eq) = memchr::memchr(b'=', pair.as_bytes()) else {
                     continue;
                 };
-                let name = name.trim();
+                let name = pair[..eq].trim_ascii();
                 if !is_gateway_cookie(name) || cookies.len() >= MAX_OWN_COOKIES {
                     continue;
                 }
-                let value = value.trim();
-                let value = if value.contains('%') {
+                let value = pair[eq + 1..].trim_ascii();
+                let value = if memchr::memchr(b'%', value.as_bytes()).is_some() {
                     match percent_encoding::percent_decode_str(value).decode_utf8() {
                         Ok(v) => v,
                         Err(_) => continue,
@@ -305,9 +310,22 @@ impl<'a> RequestCookies<'a> {
     }
 
     fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.named(move |n| n == name)
+    }
+
+    /// The values of the cookies named `prefix` + `hash` (no name is built).
+    fn values_of<'s>(
+        &'s self,
+        prefix: &'s str,
+        hash: &'s str,
+    ) -> impl Iterator<Item = &'s str> + 's {
+        self.named(move |n| n.strip_prefix(prefix) == Some(hash))
+    }
+
+    fn named<'s>(&'s self, is: impl Fn(&str) -> bool + 's) -> impl Iterator<Item = &'s str> + 's {
         self.cookies
             .iter()
-            .filter(move |(n, _)| *n == name)
+            .filter(move |(n, _)| is(n))
             .map(|(_, v)| v.as_ref())
     }
 
@@ -346,8 +364,7 @@ impl<'a> RequestCookies<'a> {
         resource: &str,
     ) -> Option<OrderCookie> {
         let hash = resource_hash(resource);
-        let name = format!("{ORDER_COOKIE_PREFIX}{hash}");
-        let found = self.values(&name).find_map(|raw| {
+        let found = self.values_of(ORDER_COOKIE_PREFIX, &hash).find_map(|raw| {
             let v = keys.verify(raw)?;
             let mut it = v.split('|');
             if it.next()? != "o1" || it.next()? != session.as_str() || it.next()? != hash {
@@ -377,8 +394,7 @@ impl<'a> RequestCookies<'a> {
         resource: &str,
     ) -> Option<String> {
         let hash = resource_hash(resource);
-        let name = format!("{RETURN_COOKIE_PREFIX}{hash}");
-        let found = self.values(&name).find_map(|raw| {
+        let found = self.values_of(RETURN_COOKIE_PREFIX, &hash).find_map(|raw| {
             let v = keys.verify(raw)?;
             let mut it = v.splitn(4, '|');
             if it.next()? != "r1" || it.next()? != session.as_str() || it.next()? != hash {
