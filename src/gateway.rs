@@ -288,7 +288,6 @@ impl Gateway {
         let mut outcome = Outcome::default();
         let result = self.handle_inner(req, &ctx, &mut outcome).await;
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let elapsed_ms = micros as f64 / 1000.0;
         let path = outcome.path.as_ref().map_or("-", NormalizedPath::as_str);
         match &result {
             // Protected requests are counted where the payment decision is made.
@@ -304,37 +303,23 @@ impl Gateway {
         }
         match result {
             Ok(resp) => {
-                if tracing::enabled!(tracing::Level::INFO) {
-                    let line = crate::logfmt::RequestLine {
-                        id,
-                        peer,
-                        method: method.as_str(),
-                        path,
-                        protected: outcome.protected,
-                        status: resp.status().as_u16(),
-                        bytes: http_body::Body::size_hint(resp.body()).exact(),
-                        micros,
-                    };
-                    // The same line either way; see `RequestLine`.
-                    if !line.write_direct(module_path!()) {
-                        info!(
-                            id = %line.id,
-                            peer = %line.peer,
-                            method = %line.method,
-                            path = %line.path,
-                            protected = line.protected,
-                            status = line.status,
-                            bytes = line.bytes,
-                            ms = line.ms(),
-                            "request"
-                        );
-                    }
+                crate::logfmt::RequestLine {
+                    id,
+                    peer,
+                    method: method.as_str(),
+                    path,
+                    protected: outcome.protected,
+                    status: resp.status().as_u16(),
+                    bytes: http_body::Body::size_hint(resp.body()).exact(),
+                    micros,
                 }
+                .log();
                 resp
             }
             Err(err) => {
                 let status = err.status();
                 let cause = ErrorChain(&err);
+                let elapsed_ms = micros as f64 / 1000.0;
                 if status.is_server_error() {
                     warn!(id = %id, peer = %peer, %method, %path,
                         protected = outcome.protected, status = status.as_u16(), ms = elapsed_ms,

@@ -269,6 +269,10 @@ pub(crate) fn enable_direct_lines() {
     DIRECT.store(true, Ordering::Relaxed);
 }
 
+/// The target [`RequestLine`] is logged under: the gateway's module, as when the gateway
+/// logged it itself (`RUST_LOG` filters keep working).
+pub const REQUEST_TARGET: &str = "taler_paywall::gateway";
+
 /// The one `info` line every answered request is logged with (the access log).
 ///
 /// Its text is exactly what `info!(id = %id, peer = %peer, method = %method, path = %path,
@@ -305,10 +309,33 @@ impl RequestLine<'_> {
         self.micros as f64 / 1000.0
     }
 
+    /// Logs the line at `info` if [`REQUEST_TARGET`] logs at `info`: directly when it can (see
+    /// [`Self::write_direct`]), else through `tracing`, with the same text either way.
+    pub fn log(&self) {
+        if tracing::enabled!(target: REQUEST_TARGET, Level::INFO) && !self.write_direct() {
+            self.trace();
+        }
+    }
+
+    /// The line as a `tracing` event.
+    fn trace(&self) {
+        tracing::info!(
+            target: REQUEST_TARGET,
+            id = %self.id,
+            peer = %self.peer,
+            method = %self.method,
+            path = %self.path,
+            protected = self.protected,
+            status = self.status,
+            bytes = self.bytes,
+            ms = self.ms(),
+            "request"
+        );
+    }
+
     /// Writes the line when `serve`'s text logging is installed and no span is entered (a
-    /// span would show in the line); returns false otherwise, and the caller logs the line
-    /// through `tracing`. The caller checks first that `target` logs at `info`.
-    pub fn write_direct(&self, target: &str) -> bool {
+    /// span would show in the line); returns false otherwise.
+    fn write_direct(&self) -> bool {
         if !DIRECT.load(Ordering::Relaxed)
             || tracing::dispatcher::get_default(|d| d.current_span().id().is_some())
         {
@@ -316,14 +343,14 @@ impl RequestLine<'_> {
         }
         BATCH.with(|b| match b.try_borrow_mut().as_deref_mut() {
             Ok(Some(buf)) => {
-                self.write_line(buf, target, true);
+                self.write_line(buf, true);
                 if buf.len() >= BATCH_BYTES {
                     write_out(buf);
                 }
             }
             _ => {
                 let mut buf = Vec::with_capacity(256);
-                self.write_line(&mut buf, target, true);
+                self.write_line(&mut buf, true);
                 write_out(&mut buf);
             }
         });
@@ -331,19 +358,19 @@ impl RequestLine<'_> {
     }
 
     /// Appends the line, with the time when `time` is set.
-    fn write_line(&self, out: &mut Vec<u8>, target: &str, time: bool) {
+    fn write_line(&self, out: &mut Vec<u8>, time: bool) {
         let mut w = ByteWriter(out);
         // Writing to a `Vec` cannot fail.
-        let _ = self.write_fields(&mut w, target, time);
+        let _ = self.write_fields(&mut w, time);
     }
 
-    fn write_fields(&self, w: &mut ByteWriter<'_>, target: &str, time: bool) -> fmt::Result {
+    fn write_fields(&self, w: &mut ByteWriter<'_>, time: bool) -> fmt::Result {
         if time {
             write_now(w)?;
             w.write_char(' ')?;
         }
         w.write_str(" INFO ")?;
-        w.write_str(target)?;
+        w.write_str(REQUEST_TARGET)?;
         w.write_str(": request id=")?;
         Escaping(&mut *w).write_str(self.id)?;
         w.write_str(" peer=")?;
@@ -647,32 +674,19 @@ mod tests {
             },
         ];
         for line in lines {
-            let (_, ours) = both(|| {
-                tracing::info!(
-                    id = %line.id,
-                    peer = %line.peer,
-                    method = %line.method,
-                    path = %line.path,
-                    protected = line.protected,
-                    status = line.status,
-                    bytes = line.bytes,
-                    ms = line.ms(),
-                    "request"
-                );
-            });
-            let ours = ours.replace("taler_paywall::logfmt::tests", "T");
+            let (_, ours) = both(|| line.trace());
             let mut direct = Vec::new();
-            line.write_line(&mut direct, "T", false);
+            line.write_line(&mut direct, false);
             assert_eq!(String::from_utf8(direct).unwrap(), ours);
         }
         // With the time, the line starts as the formatter's does.
         let mut direct = Vec::new();
-        lines[0].write_line(&mut direct, "T", true);
+        lines[0].write_line(&mut direct, true);
         let text = String::from_utf8(direct).unwrap();
         assert_eq!(
             &text[27..],
-            "  INFO T: request id=0a1b2c peer=127.0.0.1:4242 method=GET \
-            path=/premium/a%20b protected=true status=200 bytes=3043 ms=0.25\n"
+            "  INFO taler_paywall::gateway: request id=0a1b2c peer=127.0.0.1:4242 method=GET \
+             path=/premium/a%20b protected=true status=200 bytes=3043 ms=0.25\n"
         );
     }
 
