@@ -25,6 +25,7 @@ use url::Url;
 
 use crate::body::{full, Body};
 use crate::config::{Config, Scope};
+use crate::cookie_memo::CookieMemo;
 use crate::merchant::{MerchantClient, NewOrder};
 use crate::metrics::{Endpoint, GrantSource, Metrics};
 use crate::pages;
@@ -88,6 +89,8 @@ pub struct PaymentGate {
     memory: Mutex<HashMap<TurnKey, Remembered>>,
     turns: Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>,
     limiter: OrderLimiter,
+    /// Verified cookies of paid browsers, per serving thread (see [`CookieMemo`]).
+    memo: CookieMemo,
     metrics: Arc<Metrics>,
     pages: Arc<pages::Pages>,
 }
@@ -99,6 +102,14 @@ impl std::fmt::Debug for PaymentGate {
             .field("public_base", &self.public_base)
             .finish_non_exhaustive()
     }
+}
+
+/// The request's cookies for [`PaymentGate::serve`]: parsed already, or not (a
+/// [`CookieMemo`] hit), in which case they are parsed only if the return cookie is needed.
+#[derive(Clone, Copy)]
+enum Jar<'j, 'h> {
+    Parsed(&'j RequestCookies<'h>),
+    Unparsed(&'h HeaderMap),
 }
 
 /// (session, resource).
@@ -158,6 +169,7 @@ impl PaymentGate {
             memory: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             limiter: OrderLimiter::new(config.limits.orders_per_minute, config.limits.orders_burst),
+            memo: CookieMemo::new(),
             metrics: Arc::new(Metrics::new()),
             pages: config.pages.templates.clone(),
         })
@@ -228,7 +240,49 @@ impl PaymentGate {
         client: IpAddr,
         request_span: impl FnOnce() -> tracing::Span,
     ) -> Outcome {
-        let now = unix_now();
+        self.decide_at(
+            unix_now(),
+            headers,
+            html,
+            query,
+            route,
+            path,
+            client,
+            request_span,
+        )
+        .await
+    }
+
+    /// [`Self::decide`] at the time `now` (unix seconds).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_at(
+        &self,
+        now: u64,
+        headers: &HeaderMap,
+        html: bool,
+        query: Option<&str>,
+        route: &ProtectedRoute,
+        path: &NormalizedPath,
+        client: IpAddr,
+        request_span: impl FnOnce() -> tracing::Span,
+    ) -> Outcome {
+        let resource = route.resource(path);
+        // The fastest path: these very cookies were verified for this resource on this
+        // thread before; only what depends on the time is checked again.
+        if let Some((session, granted)) = self.memo.get(headers, &resource) {
+            if session.is_current(&self.cookies, now) && self.is_fresh(&granted, now) {
+                self.metrics.grant_hit(GrantSource::Cookie);
+                return self.serve(
+                    route,
+                    path,
+                    &session.id,
+                    &resource,
+                    Jar::Unparsed(headers),
+                    Some(granted.order_id),
+                    Vec::new(),
+                );
+            }
+        }
         let jar = RequestCookies::parse(headers);
         let mut set_cookies = Vec::new();
         let session = match jar.session(&self.keys, &self.cookies, now) {
@@ -256,20 +310,23 @@ impl PaymentGate {
                 fresh
             }
         };
-        let resource = route.resource(path);
         // The fast path: a grant younger than `recheck_interval`, in the signed cookie or in
         // this process's memory, is served without a merchant call, so it needs no turn (the
         // turn exists only to share merchant calls) and, for the cookie, no shared state.
         let from_cookie = jar.order(&self.keys, &session.id, &resource);
         if let Some(granted) = from_cookie.as_ref().filter(|o| self.is_fresh(o, now)) {
             self.metrics.grant_hit(GrantSource::Cookie);
+            if set_cookies.is_empty() && jar.is_unambiguous(&self.cookies, &resource) {
+                // The session came from these cookies too: remember both for them.
+                self.memo.put(headers, &resource, &session, granted);
+            }
             let order_id = Some(granted.order_id.clone());
             return self.serve(
                 route,
                 path,
                 &session.id,
                 &resource,
-                &jar,
+                Jar::Parsed(&jar),
                 order_id,
                 set_cookies,
             );
@@ -285,7 +342,7 @@ impl PaymentGate {
                 path,
                 &session.id,
                 &resource,
-                &jar,
+                Jar::Parsed(&jar),
                 order_id,
                 set_cookies,
             );
@@ -454,7 +511,7 @@ impl PaymentGate {
                         path,
                         &session.id,
                         resource,
-                        jar,
+                        Jar::Parsed(jar),
                         order_id,
                         set_cookies,
                     );
@@ -555,11 +612,19 @@ impl PaymentGate {
         path: &NormalizedPath,
         session: &SessionId,
         resource: &str,
-        jar: &RequestCookies<'_>,
+        jar: Jar<'_, '_>,
         order_id: Option<String>,
         mut set_cookies: Vec<HeaderValue>,
     ) -> Outcome {
         if route.scope == Scope::Prefix && path.as_str() == resource {
+            let parsed;
+            let jar = match jar {
+                Jar::Parsed(jar) => jar,
+                Jar::Unparsed(headers) => {
+                    parsed = RequestCookies::parse(headers);
+                    &parsed
+                }
+            };
             if let Some(target) = jar.return_to(&self.keys, session, resource) {
                 let cookie_path = session::cookie_path(&self.cookies, resource, &route.prefix);
                 set_cookies.extend(session::set_return_to(
@@ -933,6 +998,121 @@ summary = "x"
             Outcome::Respond { kind, .. } => panic!("not served: {kind:?}"),
         }
         assert_eq!(gate.turns.lock().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn verified_cookies_are_remembered_but_their_time_limits_are_checked_again() {
+        let (gate, policy) = offline_gate("300s");
+        let now = unix_now();
+        let session = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        let h = session_and_order(&gate, &session, &session.id, Some(now));
+        let path = normalize("/premium/a.html").unwrap();
+        let route = policy.classify(&path).unwrap();
+        let client: IpAddr = "127.0.0.1".parse().unwrap();
+        let at = |t: u64| {
+            gate.decide_at(
+                t,
+                &h,
+                false,
+                None,
+                route,
+                &path,
+                client,
+                tracing::Span::none,
+            )
+        };
+        assert_eq!(gate.memo.get(&h, "/premium/a.html"), None);
+        assert!(matches!(at(now).await, Outcome::Serve { .. }));
+        // The full check remembered what it found in these cookies.
+        let (s, o) = gate.memo.get(&h, "/premium/a.html").unwrap();
+        assert_eq!((s, o.order_id.as_str()), (session.clone(), "O1"));
+        // Within the interval the remembered grant serves...
+        assert!(matches!(at(now + 299).await, Outcome::Serve { .. }));
+        // ...after it, the merchant is asked (here unreachable, so: fail closed) ...
+        match at(now + 300).await {
+            Outcome::Respond { kind, .. } => assert_eq!(kind, DenyKind::FailedClosed),
+            Outcome::Serve { .. } => panic!("a remembered stale grant was served"),
+        }
+        // ...and a remembered session past its lifetime is no session at all.
+        let (gate, _) = offline_gate("300s");
+        let long = gate.cookies.lifetime + 1;
+        let h = session_and_order(&gate, &session, &session.id, Some(now + long));
+        gate.memo.put(
+            &h,
+            "/premium/a.html",
+            &session,
+            &OrderCookie {
+                order_id: "O1".into(),
+                verified_at: Some(now + long),
+            },
+        );
+        let outcome = gate
+            .decide_at(
+                now + long,
+                &h,
+                false,
+                None,
+                route,
+                &path,
+                client,
+                tracing::Span::none,
+            )
+            .await;
+        assert!(matches!(outcome, Outcome::Respond { .. }), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn ambiguous_or_tampered_cookies_are_not_remembered() {
+        let (gate, policy) = offline_gate("300s");
+        let now = unix_now();
+        let session = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        let good = session_and_order(&gate, &session, &session.id, Some(now));
+        let good = good
+            .get(http::header::COOKIE)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        // A second (valid) session cookie in front: which one wins could depend on the time.
+        let other = Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        };
+        let planted = session::set_session(&gate.keys, &gate.cookies, &other).unwrap();
+        let planted = planted
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            HeaderValue::from_str(&format!("{good}; {planted}")).unwrap(),
+        );
+        assert!(matches!(
+            decide_for(&gate, &policy, &h).await,
+            Outcome::Serve { .. }
+        ));
+        assert_eq!(gate.memo.get(&h, "/premium/a.html"), None);
+        // One changed byte in the MAC: a miss, then the full check refuses it.
+        let mut bad = good.into_bytes();
+        let i = bad.iter().position(|&b| b == b'=').unwrap() + 3;
+        bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+        let mut h = HeaderMap::new();
+        h.insert(http::header::COOKIE, HeaderValue::from_bytes(&bad).unwrap());
+        assert!(matches!(
+            decide_for(&gate, &policy, &h).await,
+            Outcome::Respond { .. }
+        ));
+        assert_eq!(gate.memo.get(&h, "/premium/a.html"), None);
     }
 
     #[tokio::test]

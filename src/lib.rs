@@ -24,6 +24,7 @@
 //! - [`server`]: accept loops, TLS, limits, graceful shutdown.
 //! - [`gateway`]: one request, from normalisation to response.
 //! - [`session`]: signed cookies: session, per-resource orders, payment grants.
+//! - [`cookie_memo`]: per-thread memo of cookies already verified, for paid browsers.
 //! - [`merchant`]: the merchant backend client and its wire types.
 //! - [`payment`]: the pure decision function of the storefront algorithm.
 //! - [`flow`]: carries out the payment decisions for one protected request.
@@ -42,6 +43,7 @@ pub mod amount;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod cookie_memo;
 pub mod demo;
 pub mod flow;
 pub mod forward_auth;

@@ -96,6 +96,14 @@ pub struct Session {
     pub issued_at: u64,
 }
 
+impl Session {
+    /// Whether the session is within its lifetime at `now` (and not issued more than five
+    /// minutes in the future, which allows for clock skew between replicas).
+    pub fn is_current(&self, settings: &CookieSettings, now: u64) -> bool {
+        self.issued_at <= now + 300 && now.saturating_sub(self.issued_at) <= settings.lifetime
+    }
+}
+
 /// A verified order cookie for one resource in one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderCookie {
@@ -346,14 +354,18 @@ impl<'a> RequestCookies<'a> {
             }
             let id = SessionId::parse(it.next()?)?;
             let issued_at: u64 = it.next()?.parse().ok()?;
-            if it.next().is_some()
-                || issued_at > now + 300
-                || now.saturating_sub(issued_at) > settings.lifetime
-            {
-                return None;
-            }
-            Some(Session { id, issued_at })
+            let session = Session { id, issued_at };
+            (it.next().is_none() && session.is_current(settings, now)).then_some(session)
         })
+    }
+
+    /// Whether these cookies hold exactly one session cookie and exactly one order cookie
+    /// for `resource`, so that which of them [`Self::session`] and [`Self::order`] find does
+    /// not depend on the time (what [`crate::cookie_memo`] needs to remember a result).
+    pub fn is_unambiguous(&self, settings: &CookieSettings, resource: &str) -> bool {
+        let hash = resource_hash(resource);
+        self.values(settings.session_name()).count() == 1
+            && self.values_of(ORDER_COOKIE_PREFIX, &hash).count() == 1
     }
 
     /// The valid order cookie of `resource` in `session`, if any.
