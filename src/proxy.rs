@@ -479,7 +479,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that concern one connection only (RFC 9110 §7.6.1), besides `Connection` itself.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; CONNECTION_INDEX] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
@@ -489,6 +489,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
 ];
+
+/// What [`hop_by_hop_index`] says for `Connection`: one past the end of [`HOP_BY_HOP`].
+const CONNECTION_INDEX: usize = 8;
+
+/// The index of a (lower-case) header name in [`HOP_BY_HOP`], [`CONNECTION_INDEX`] for
+/// `connection`, `None` for an end-to-end header. A `match` on the name, which compiles to a
+/// switch on its length before any bytes are compared: this runs for every header of every
+/// request and response.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "keep-alive" => 0,
+        "proxy-connection" => 1,
+        "te" => 2,
+        "trailer" => 3,
+        "transfer-encoding" => 4,
+        "upgrade" => 5,
+        "proxy-authenticate" => 6,
+        "proxy-authorization" => 7,
+        "connection" => CONNECTION_INDEX,
+        _ => return None,
+    })
+}
 
 /// Whether a `Connection` header lists `token`.
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -508,10 +530,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut connection = false;
     let mut present = 0u16;
     for n in headers.keys() {
-        if n == header::CONNECTION {
-            connection = true;
-        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == n) {
-            present |= 1 << i;
+        match hop_by_hop_index(n.as_str()) {
+            Some(CONNECTION_INDEX) => connection = true,
+            Some(i) => present |= 1 << i,
+            None => {}
         }
     }
     if !connection && present == 0 {
@@ -857,6 +879,27 @@ mod tests {
         );
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "spoofed");
+    }
+
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (i, h) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(h.as_str()), Some(i), "{h}");
+        }
+        assert_eq!(
+            hop_by_hop_index(header::CONNECTION.as_str()),
+            Some(CONNECTION_INDEX)
+        );
+        for end_to_end in [
+            "host",
+            "user-agent",
+            "content-length",
+            "cookie",
+            "keep-alivex",
+            "",
+        ] {
+            assert_eq!(hop_by_hop_index(end_to_end), None, "{end_to_end}");
+        }
     }
 
     #[test]
