@@ -940,10 +940,21 @@ summary = "x"
         policy: &crate::policy::Policy,
         headers: &HeaderMap,
     ) -> Outcome {
+        decide_for_at(gate, policy, headers, unix_now()).await
+    }
+
+    /// [`decide_for`] at the time `now`.
+    async fn decide_for_at(
+        gate: &PaymentGate,
+        policy: &crate::policy::Policy,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Outcome {
         let path = normalize("/premium/a.html").unwrap();
         let route = policy.classify(&path).unwrap();
         let client: IpAddr = "127.0.0.1".parse().unwrap();
-        gate.decide(
+        gate.decide_at(
+            now,
             headers,
             pages::wants_html(headers),
             None,
@@ -953,6 +964,13 @@ summary = "x"
             tracing::Span::none,
         )
         .await
+    }
+
+    fn new_session(now: u64) -> Session {
+        Session {
+            id: SessionId::generate(),
+            issued_at: now,
+        }
     }
 
     fn session_and_order(
@@ -982,10 +1000,7 @@ summary = "x"
     async fn fresh_cookie_grant_is_served_without_the_merchant() {
         let (gate, policy) = offline_gate("300s");
         let now = unix_now();
-        let session = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
+        let session = new_session(now);
         let h = session_and_order(&gate, &session, &session.id, Some(now - 10));
         match decide_for(&gate, &policy, &h).await {
             Outcome::Serve {
@@ -1004,26 +1019,9 @@ summary = "x"
     async fn verified_cookies_are_remembered_but_their_time_limits_are_checked_again() {
         let (gate, policy) = offline_gate("300s");
         let now = unix_now();
-        let session = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
+        let session = new_session(now);
         let h = session_and_order(&gate, &session, &session.id, Some(now));
-        let path = normalize("/premium/a.html").unwrap();
-        let route = policy.classify(&path).unwrap();
-        let client: IpAddr = "127.0.0.1".parse().unwrap();
-        let at = |t: u64| {
-            gate.decide_at(
-                t,
-                &h,
-                false,
-                None,
-                route,
-                &path,
-                client,
-                tracing::Span::none,
-            )
-        };
+        let at = |t: u64| decide_for_at(&gate, &policy, &h, t);
         assert_eq!(gate.memo.get(&h, "/premium/a.html"), None);
         assert!(matches!(at(now).await, Outcome::Serve { .. }));
         // The full check remembered what it found in these cookies.
@@ -1038,29 +1036,14 @@ summary = "x"
         }
         // ...and a remembered session past its lifetime is no session at all.
         let (gate, _) = offline_gate("300s");
-        let long = gate.cookies.lifetime + 1;
-        let h = session_and_order(&gate, &session, &session.id, Some(now + long));
-        gate.memo.put(
-            &h,
-            "/premium/a.html",
-            &session,
-            &OrderCookie {
-                order_id: "O1".into(),
-                verified_at: Some(now + long),
-            },
-        );
-        let outcome = gate
-            .decide_at(
-                now + long,
-                &h,
-                false,
-                None,
-                route,
-                &path,
-                client,
-                tracing::Span::none,
-            )
-            .await;
+        let later = now + gate.cookies.lifetime + 1;
+        let h = session_and_order(&gate, &session, &session.id, Some(later));
+        let fresh_grant = OrderCookie {
+            order_id: "O1".into(),
+            verified_at: Some(later),
+        };
+        gate.memo.put(&h, "/premium/a.html", &session, &fresh_grant);
+        let outcome = decide_for_at(&gate, &policy, &h, later).await;
         assert!(matches!(outcome, Outcome::Respond { .. }), "{outcome:?}");
     }
 
@@ -1068,10 +1051,7 @@ summary = "x"
     async fn ambiguous_or_tampered_cookies_are_not_remembered() {
         let (gate, policy) = offline_gate("300s");
         let now = unix_now();
-        let session = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
+        let session = new_session(now);
         let good = session_and_order(&gate, &session, &session.id, Some(now));
         let good = good
             .get(http::header::COOKIE)
@@ -1080,11 +1060,7 @@ summary = "x"
             .unwrap()
             .to_owned();
         // A second (valid) session cookie in front: which one wins could depend on the time.
-        let other = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
-        let planted = session::set_session(&gate.keys, &gate.cookies, &other).unwrap();
+        let planted = session::set_session(&gate.keys, &gate.cookies, &new_session(now)).unwrap();
         let planted = planted
             .to_str()
             .unwrap()
@@ -1119,10 +1095,7 @@ summary = "x"
     async fn stale_or_foreign_grants_go_to_the_merchant_and_fail_closed() {
         let (gate, policy) = offline_gate("300s");
         let now = unix_now();
-        let session = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
+        let session = new_session(now);
         // Older than recheck_interval: asks the (unreachable) merchant.
         let stale = session_and_order(&gate, &session, &session.id, Some(now - 301));
         // Fresh, but bound to another session: not ours, so an order is needed.
@@ -1149,10 +1122,7 @@ summary = "x"
     async fn fresh_grant_in_memory_is_served_without_the_merchant() {
         let (gate, policy) = offline_gate("300s");
         let now = unix_now();
-        let session = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
+        let session = new_session(now);
         // The cookie still holds an unpaid order; this process saw it paid a moment ago.
         let h = session_and_order(&gate, &session, &session.id, None);
         let paid = OrderCookie {
@@ -1165,10 +1135,7 @@ summary = "x"
             Outcome::Serve { .. }
         ));
         // Another session gets nothing from it.
-        let other = Session {
-            id: SessionId::generate(),
-            issued_at: now,
-        };
+        let other = new_session(now);
         let h = session_and_order(&gate, &other, &other.id, None);
         assert!(matches!(
             decide_for(&gate, &policy, &h).await,
