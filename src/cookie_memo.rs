@@ -84,16 +84,20 @@ impl CookieMemo {
     pub fn get(&self, headers: &HeaderMap, resource: &str) -> Option<(Session, OrderCookie)> {
         let cookie = single_cookie(headers)?;
         let slot = self.slot(cookie, resource);
-        TABLE.with(|t| {
-            let t = t.borrow();
-            if t.owner != self.id {
-                return None;
-            }
-            let e = t.slots.get(slot)?.as_ref()?;
-            (same_bytes(&e.cookie, cookie)
-                && same_bytes(e.resource.as_bytes(), resource.as_bytes()))
-            .then(|| (e.session.clone(), e.order.clone()))
-        })
+        // `try_with`: a thread being torn down has no table, which is a miss, not a panic.
+        TABLE
+            .try_with(|t| {
+                let t = t.try_borrow().ok()?;
+                if t.owner != self.id {
+                    return None;
+                }
+                let e = t.slots.get(slot)?.as_ref()?;
+                (same_bytes(&e.cookie, cookie)
+                    && same_bytes(e.resource.as_bytes(), resource.as_bytes()))
+                .then(|| (e.session.clone(), e.order.clone()))
+            })
+            .ok()
+            .flatten()
     }
 
     /// Remembers what a full check found in these cookies for `resource`. The caller stores
@@ -103,20 +107,24 @@ impl CookieMemo {
             return;
         };
         let slot = self.slot(cookie, resource);
-        TABLE.with(|t| {
-            let mut t = t.borrow_mut();
+        let _ = TABLE.try_with(|t| {
+            let Ok(mut t) = t.try_borrow_mut() else {
+                return;
+            };
             if t.owner != self.id || t.slots.len() != SLOTS {
                 // First use on this thread, or another gate (a reload) used it last.
                 t.owner = self.id;
                 t.slots.clear();
                 t.slots.resize_with(SLOTS, || None);
             }
-            t.slots[slot] = Some(Entry {
-                cookie: cookie.into(),
-                resource: resource.into(),
-                session: session.clone(),
-                order: order.clone(),
-            });
+            if let Some(entry) = t.slots.get_mut(slot) {
+                *entry = Some(Entry {
+                    cookie: cookie.into(),
+                    resource: resource.into(),
+                    session: session.clone(),
+                    order: order.clone(),
+                });
+            }
         });
     }
 

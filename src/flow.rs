@@ -896,6 +896,10 @@ mod tests {
     /// A gate whose merchant cannot be reached: any merchant call fails closed, so a
     /// `Serve` proves that no call was needed.
     fn offline_gate(recheck: &str) -> (PaymentGate, crate::policy::Policy) {
+        offline_gate_scoped(recheck, "page")
+    }
+
+    fn offline_gate_scoped(recheck: &str, scope: &str) -> (PaymentGate, crate::policy::Policy) {
         let text = format!(
             r#"
 [server]
@@ -913,6 +917,7 @@ recheck_interval = "{recheck}"
 prefix = "/premium/"
 price = "KUDOS:1"
 summary = "x"
+scope = "{scope}"
 "#
         );
         let config =
@@ -1045,6 +1050,59 @@ summary = "x"
         gate.memo.put(&h, "/premium/a.html", &session, &fresh_grant);
         let outcome = decide_for_at(&gate, &policy, &h, later).await;
         assert!(matches!(outcome, Outcome::Respond { .. }), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_remembered_prefix_grant_still_follows_the_return_cookie() {
+        // Scope "prefix": the resource is `/premium/`, bought at its fulfillment URL; the
+        // return cookie sends the customer on to the page first asked for.
+        let (gate, policy) = offline_gate_scoped("300s", "prefix");
+        let now = unix_now();
+        let session = new_session(now);
+        let grant = OrderCookie {
+            order_id: "O1".into(),
+            verified_at: Some(now),
+        };
+        let cookies = [
+            session::set_session(&gate.keys, &gate.cookies, &session).unwrap(),
+            session::set_order(
+                &gate.keys,
+                &gate.cookies,
+                &session.id,
+                "/premium/",
+                "/premium/",
+                &grant,
+            )
+            .unwrap(),
+            session::set_return_to(
+                &gate.keys,
+                &gate.cookies,
+                &session.id,
+                "/premium/",
+                "/premium/",
+                Some("/premium/a.html"),
+            )
+            .unwrap(),
+        ];
+        let h = cookie_header(&cookies);
+        let path = normalize("/premium/").unwrap();
+        let route = policy.classify(&path).unwrap();
+        let client: IpAddr = "127.0.0.1".parse().unwrap();
+        for round in ["full check", "remembered"] {
+            let outcome = gate
+                .decide(&h, true, None, route, &path, client, tracing::Span::none)
+                .await;
+            let Outcome::Respond { response, .. } = outcome else {
+                panic!("{round}: served instead of sent on to the page asked for");
+            };
+            assert_eq!(response.status(), StatusCode::SEE_OTHER, "{round}");
+            assert_eq!(
+                response.headers()[LOCATION],
+                "http://127.0.0.1:8080/premium/a.html",
+                "{round}"
+            );
+            assert!(gate.memo.get(&h, "/premium/").is_some(), "{round}");
+        }
     }
 
     #[tokio::test]
