@@ -329,7 +329,7 @@ impl Reloader {
         };
         let current = self.gateway.app();
         let ignored = restart_only_changes(&current.config, &config);
-        let app = match App::with_metrics(config, self.metrics.clone()) {
+        let app = match App::reloaded(config, self.metrics.clone(), &current) {
             Ok(a) => Arc::new(a),
             Err(e) => {
                 error!(error = %format!("{e:#}"), "reload failed; keeping the running configuration");

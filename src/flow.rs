@@ -86,9 +86,11 @@ pub struct PaymentGate {
     public_base: String,
     recheck: u64,
     refund_delay: Option<Duration>,
-    memory: Mutex<HashMap<TurnKey, Remembered>>,
-    turns: Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>,
-    limiter: OrderLimiter,
+    /// Shared with the gate a reload replaces, when it asks the same merchant (see
+    /// [`PaymentGate::carry_over`]); likewise `turns` and `limiter`.
+    memory: Arc<Mutex<HashMap<TurnKey, Remembered>>>,
+    turns: Arc<Mutex<HashMap<TurnKey, Arc<tokio::sync::Mutex<()>>>>>,
+    limiter: Arc<OrderLimiter>,
     /// Verified cookies of paid browsers, per serving thread (see [`CookieMemo`]).
     memo: CookieMemo,
     metrics: Arc<Metrics>,
@@ -166,13 +168,37 @@ impl PaymentGate {
             public_base: public_base(&config.server.public_url),
             recheck: config.session.recheck_interval.as_secs(),
             refund_delay: config.merchant.refund_delay,
-            memory: Mutex::new(HashMap::new()),
-            turns: Mutex::new(HashMap::new()),
-            limiter: OrderLimiter::new(config.limits.orders_per_minute, config.limits.orders_burst),
+            memory: Arc::new(Mutex::new(HashMap::new())),
+            turns: Arc::new(Mutex::new(HashMap::new())),
+            limiter: Arc::new(OrderLimiter::new(
+                config.limits.orders_per_minute,
+                config.limits.orders_burst,
+            )),
             memo: CookieMemo::new(),
             metrics: Arc::new(Metrics::new()),
             pages: config.pages.templates.clone(),
         })
+    }
+
+    /// Takes over what `previous` (the gate a reload replaces) knows, so that a reload
+    /// neither refills every client's order allowance nor forgets recent grants:
+    /// - the order limiter's buckets, if `[limits]` allows the same rate and burst;
+    /// - the (session, resource) table of orders and grants and the turn locks, if the
+    ///   merchant backend URL is the same (orders and grants belong to one backend instance).
+    ///
+    /// Both stay shared while requests on the old configuration finish. Cookies carry over
+    /// anyway; the verified-cookie memo does not (it is tied to the old cookie keys).
+    pub fn carry_over(mut self, previous: &PaymentGate) -> Self {
+        if self.limiter.per_minute == previous.limiter.per_minute
+            && self.limiter.burst == previous.limiter.burst
+        {
+            self.limiter = Arc::clone(&previous.limiter);
+        }
+        if self.merchant.base_url() == previous.merchant.base_url() {
+            self.memory = Arc::clone(&previous.memory);
+            self.turns = Arc::clone(&previous.turns);
+        }
+        self
     }
 
     /// Counts merchant calls and grant hits into `metrics` instead of a private registry.
@@ -1103,6 +1129,56 @@ scope = "{scope}"
             );
             assert!(gate.memo.get(&h, "/premium/").is_some(), "{round}");
         }
+    }
+
+    #[test]
+    fn a_reload_carries_over_what_still_applies() {
+        let gate = |recheck: &str, merchant: &str, burst: u32| {
+            let text = format!(
+                r#"
+[server]
+listen = "127.0.0.1:8080"
+public_url = "http://127.0.0.1:8080"
+[origin]
+url = "http://127.0.0.1:8000"
+[merchant]
+url = "{merchant}"
+token = "secret-token:sandbox"
+[session]
+secret = "a secret of at least thirty-two bytes for the flow tests"
+recheck_interval = "{recheck}"
+[limits]
+orders_per_minute = 1
+orders_burst = {burst}
+"#
+            );
+            let path = std::path::Path::new("t.toml");
+            let config = Config::from_toml_str(&text, path, &crate::config::NoEnv).unwrap();
+            PaymentGate::new(&config).unwrap()
+        };
+        let now = unix_now();
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let session = new_session(now);
+        let paid = OrderCookie {
+            order_id: "O1".into(),
+            verified_at: Some(now),
+        };
+        let old = gate("300s", "http://127.0.0.1:9/", 1);
+        assert!(old.limiter.try_take(client, now).is_ok());
+        old.remember(&session.id, "/premium/a.html", &paid, now);
+
+        // A new recheck interval only: both carry over.
+        let same = gate("60s", "http://127.0.0.1:9/", 1).carry_over(&old);
+        assert!(
+            same.limiter.try_take(client, now).is_err(),
+            "allowance refilled"
+        );
+        assert!(same.recall(&session.id, "/premium/a.html").is_some());
+
+        // Other limits, another backend: neither does.
+        let other = gate("300s", "http://127.0.0.1:10/", 2).carry_over(&old);
+        assert!(other.limiter.try_take(client, now).is_ok());
+        assert!(other.recall(&session.id, "/premium/a.html").is_none());
     }
 
     #[tokio::test]

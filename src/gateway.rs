@@ -88,6 +88,18 @@ impl App {
         })
     }
 
+    /// Like [`App::with_metrics`], for a reload that replaces `previous`: the payment gate
+    /// takes over the order limits and recent grants that still apply
+    /// ([`PaymentGate::carry_over`]).
+    ///
+    /// # Errors
+    /// As [`App::new`].
+    pub fn reloaded(config: Config, metrics: Arc<Metrics>, previous: &App) -> anyhow::Result<Self> {
+        let mut app = Self::with_metrics(config, metrics)?;
+        app.payment = app.payment.carry_over(&previous.payment);
+        Ok(app)
+    }
+
     /// The address order creation is limited by: the TCP peer, or, when the peer is a
     /// trusted proxy, the right-most `X-Forwarded-For` entry that is not itself trusted.
     pub fn client_ip(&self, headers: &http::HeaderMap, peer: IpAddr) -> IpAddr {

@@ -520,6 +520,52 @@ async fn sighup_reloads_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
     .await;
 }
 
+/// A reload that leaves `[limits]` alone does not refill the order allowance of a client
+/// that used it up; a reload that changes the limits starts them afresh.
+#[tokio::test]
+async fn a_reload_keeps_used_up_order_limits() {
+    bounded(async {
+        let origin = TestOrigin::echo().await;
+        let sandbox = sandbox().await;
+        let merchant = sandbox.base_url().to_string();
+        let limited = |burst: u32| {
+            template(&origin.url(), &merchant, "", "").replace(
+                "orders_per_minute = 0",
+                &format!("orders_per_minute = 1\norders_burst = {burst}"),
+            )
+        };
+        let bin = Bin::start(&limited(2), &[]).await;
+        // A client without cookies: every request needs a new order.
+        let cookieless = || {
+            let addr = bin.addr;
+            async move {
+                let req = support::request("GET", addr, "/premium/a")
+                    .header("accept", "application/json")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                send(&client(), req).await.status
+            }
+        };
+        assert_eq!(cookieless().await, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(cookieless().await, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(cookieless().await, StatusCode::TOO_MANY_REQUESTS);
+
+        // Another price, the same limits: still used up.
+        bin.write_config(&limited(2).replace("KUDOS:1", "KUDOS:2"));
+        bin.hup();
+        bin.wait_for_log("configuration reloaded", 1).await;
+        assert_eq!(cookieless().await, StatusCode::TOO_MANY_REQUESTS);
+
+        // Other limits: a fresh allowance under them.
+        bin.write_config(&limited(3));
+        bin.hup();
+        bin.wait_for_log("configuration reloaded", 2).await;
+        assert_eq!(cookieless().await, StatusCode::PAYMENT_REQUIRED);
+        sandbox.shutdown().await;
+    })
+    .await;
+}
+
 fn write_cert(dir: &std::path::Path) -> Vec<u8> {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
