@@ -163,7 +163,10 @@ fn single_cookie(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// Equal bytes, compared without stopping at the first difference (the lengths, which are
-/// not secret, are compared first).
+/// not secret, are compared first). `subtle`'s `ConstantTimeEq` (what `hmac` uses for MACs)
+/// would put an optimisation barrier on every byte: about four times the cost for a 300-byte
+/// header, on every paid request. Here one barrier on the folded difference keeps the
+/// compiler from stopping early.
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

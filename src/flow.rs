@@ -253,35 +253,11 @@ impl PaymentGate {
         }
     }
 
-    /// Decides a protected request. `html` says whether the client prefers HTML pages
+    /// Decides a protected request at the time `now` (unix seconds; [`unix_now`] in the
+    /// gateway, a chosen time in tests). `html` says whether the client prefers HTML pages
     /// ([`pages::wants_html`], already worked out by the caller for its own pages).
     #[allow(clippy::too_many_arguments)]
     pub async fn decide(
-        &self,
-        headers: &HeaderMap,
-        html: bool,
-        query: Option<&str>,
-        route: &ProtectedRoute,
-        path: &NormalizedPath,
-        client: IpAddr,
-        request_span: impl FnOnce() -> tracing::Span,
-    ) -> Outcome {
-        self.decide_at(
-            unix_now(),
-            headers,
-            html,
-            query,
-            route,
-            path,
-            client,
-            request_span,
-        )
-        .await
-    }
-
-    /// [`Self::decide`] at the time `now` (unix seconds).
-    #[allow(clippy::too_many_arguments)]
-    async fn decide_at(
         &self,
         now: u64,
         headers: &HeaderMap,
@@ -984,7 +960,7 @@ scope = "{scope}"
         let path = normalize("/premium/a.html").unwrap();
         let route = policy.classify(&path).unwrap();
         let client: IpAddr = "127.0.0.1".parse().unwrap();
-        gate.decide_at(
+        gate.decide(
             now,
             headers,
             pages::wants_html(headers),
@@ -1116,7 +1092,16 @@ scope = "{scope}"
         let client: IpAddr = "127.0.0.1".parse().unwrap();
         for round in ["full check", "remembered"] {
             let outcome = gate
-                .decide(&h, true, None, route, &path, client, tracing::Span::none)
+                .decide(
+                    now,
+                    &h,
+                    true,
+                    None,
+                    route,
+                    &path,
+                    client,
+                    tracing::Span::none,
+                )
                 .await;
             let Outcome::Respond { response, .. } = outcome else {
                 panic!("{round}: served instead of sent on to the page asked for");

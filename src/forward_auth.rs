@@ -203,6 +203,7 @@ pub async fn handle<B>(
     let outcome = app
         .payment
         .decide(
+            crate::flow::unix_now(),
             req.headers(),
             ctx.html,
             query.as_deref(),

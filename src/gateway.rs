@@ -416,6 +416,7 @@ impl Gateway {
         let outcome = app
             .payment
             .decide(
+                crate::flow::unix_now(),
                 req.headers(),
                 ctx.html,
                 req.uri().query(),

@@ -363,9 +363,12 @@ impl<'a> RequestCookies<'a> {
     /// for `resource`, so that which of them [`Self::session`] and [`Self::order`] find does
     /// not depend on the time (what [`crate::cookie_memo`] needs to remember a result).
     pub fn is_unambiguous(&self, settings: &CookieSettings, resource: &str) -> bool {
-        let hash = resource_hash(resource);
+        // The session count first: it needs no hash.
         self.values(settings.session_name()).count() == 1
-            && self.values_of(ORDER_COOKIE_PREFIX, &hash).count() == 1
+            && self
+                .values_of(ORDER_COOKIE_PREFIX, &resource_hash(resource))
+                .count()
+                == 1
     }
 
     /// The valid order cookie of `resource` in `session`, if any.
