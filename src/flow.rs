@@ -902,6 +902,22 @@ mod tests {
     }
 
     fn offline_gate_scoped(recheck: &str, scope: &str) -> (PaymentGate, crate::policy::Policy) {
+        test_gate(recheck, scope, "http://127.0.0.1:9/", "")
+    }
+
+    /// A gate for `/premium/` (`scope`) against `merchant`; `limits` is the body of a
+    /// `[limits]` table (none if empty).
+    fn test_gate(
+        recheck: &str,
+        scope: &str,
+        merchant: &str,
+        limits: &str,
+    ) -> (PaymentGate, crate::policy::Policy) {
+        let limits = if limits.is_empty() {
+            String::new()
+        } else {
+            format!("[limits]\n{limits}\n")
+        };
         let text = format!(
             r#"
 [server]
@@ -910,7 +926,7 @@ public_url = "http://127.0.0.1:8080"
 [origin]
 url = "http://127.0.0.1:8000"
 [merchant]
-url = "http://127.0.0.1:9/"
+url = "{merchant}"
 token = "secret-token:sandbox"
 [session]
 secret = "a secret of at least thirty-two bytes for the flow tests"
@@ -920,7 +936,7 @@ prefix = "/premium/"
 price = "KUDOS:1"
 summary = "x"
 scope = "{scope}"
-"#
+{limits}"#
         );
         let config =
             Config::from_toml_str(&text, std::path::Path::new("t.toml"), &crate::config::NoEnv)
@@ -1119,27 +1135,8 @@ scope = "{scope}"
     #[test]
     fn a_reload_carries_over_what_still_applies() {
         let gate = |recheck: &str, merchant: &str, burst: u32| {
-            let text = format!(
-                r#"
-[server]
-listen = "127.0.0.1:8080"
-public_url = "http://127.0.0.1:8080"
-[origin]
-url = "http://127.0.0.1:8000"
-[merchant]
-url = "{merchant}"
-token = "secret-token:sandbox"
-[session]
-secret = "a secret of at least thirty-two bytes for the flow tests"
-recheck_interval = "{recheck}"
-[limits]
-orders_per_minute = 1
-orders_burst = {burst}
-"#
-            );
-            let path = std::path::Path::new("t.toml");
-            let config = Config::from_toml_str(&text, path, &crate::config::NoEnv).unwrap();
-            PaymentGate::new(&config).unwrap()
+            let limits = format!("orders_per_minute = 1\norders_burst = {burst}");
+            test_gate(recheck, "page", merchant, &limits).0
         };
         let now = unix_now();
         let client: IpAddr = "192.0.2.7".parse().unwrap();
