@@ -18,7 +18,9 @@
 //!    on) + the raw query. The request target's authority, if the client sent an absolute
 //!    URI, is never used.
 //!
-//! An upgrade is only switched to a raw tunnel after the origin answered `101`.
+//! An upgrade is only switched to a raw tunnel after the origin answered `101`. The tunnel is
+//! handed to the server in the response (a [`crate::server::Tunnel`] extension), which runs it
+//! inside the client connection's task.
 
 use std::cell::Cell;
 use std::error::Error as StdError;
@@ -423,7 +425,11 @@ impl OriginClient {
             if let Some(p) = proto {
                 rparts.headers.insert(header::UPGRADE, p);
             }
-            tokio::spawn(tunnel(client_up, origin_up));
+            // Run by the server inside the client connection's task (limits, idle timeout,
+            // drain); see `server::Tunnel`.
+            rparts
+                .extensions
+                .insert(crate::server::Tunnel::new(tunnel(client_up, origin_up)));
         }
         Ok(Response::from_parts(rparts, rbody))
     }

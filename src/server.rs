@@ -15,6 +15,10 @@
 //!   new clients in the kernel's backlog.
 //! - **Huge heads**: `max_header_bytes` bounds hyper's read buffer (HTTP/1) and the header list
 //!   (HTTP/2).
+//! - **Upgraded connections** (WebSocket): the tunnel runs inside the connection's own task
+//!   (see [`Tunnel`]), so it keeps its `max_connections` slot, counts as an open connection,
+//!   is closed after `idle_timeout` without a byte in either direction, and is closed when
+//!   shutdown begins (it has no exchange to finish).
 //!
 //! All of the timing lives in one small per-connection watchdog fed by an I/O wrapper that
 //! notes the time of the last read/write and a guard that counts requests in flight.
@@ -30,13 +34,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -78,6 +82,36 @@ impl ConnInfo {
             peer_text: peer.to_string().into(),
             peer_ip_text: peer.ip().to_canonical().to_string().into(),
         }
+    }
+}
+
+/// The byte pipe of an upgraded connection (WebSocket), handed from the handler to the server.
+///
+/// A handler that switches protocols puts one into the `101` response's extensions instead of
+/// spawning it. The server then runs it inside the connection's task once hyper has handed the
+/// connection over, so that an upgraded connection keeps its `max_connections` slot and its
+/// place in the open-connections gauge, is closed after `idle_timeout` without traffic, and is
+/// closed when shutdown begins. (A tunnel in a task of its own would escape all three: a client could
+/// hold any number of idle upgraded connections.)
+#[derive(Clone)]
+pub struct Tunnel(Arc<Mutex<Option<TunnelFuture>>>);
+
+type TunnelFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Tunnel {
+    /// Wraps the future that copies bytes both ways until either side closes.
+    pub fn new(pipe: impl Future<Output = ()> + Send + 'static) -> Self {
+        Tunnel(Arc::new(Mutex::new(Some(Box::pin(pipe)))))
+    }
+
+    fn take(&self) -> Option<TunnelFuture> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tunnel")
     }
 }
 
@@ -479,7 +513,12 @@ impl<H: Handler> Conn<H> {
             let handler = handler.clone();
             let info = info.clone();
             async move {
-                let resp = handler.call(req, info).await;
+                let mut resp = handler.call(req, info).await;
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(tunnel) = resp.extensions_mut().remove::<Tunnel>() {
+                        guard.0.hold_tunnel(tunnel);
+                    }
+                }
                 Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
                     inner,
                     _guard: guard,
@@ -525,6 +564,10 @@ impl<H: Handler> Conn<H> {
                     if let Err(e) = res {
                         debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    // After a `101`, hyper has handed the connection to the tunnel.
+                    if let Some(pipe) = activity.take_tunnel() {
+                        self.run_tunnel(pipe, &activity).await;
+                    }
                     return;
                 }
                 changed = self.stop.changed(), if !stop_seen => {
@@ -541,6 +584,33 @@ impl<H: Handler> Conn<H> {
                 }
             }
         }
+    }
+}
+
+impl<H> Conn<H> {
+    /// Runs an upgraded connection's byte pipe until either side closes it, no byte has
+    /// passed in either direction for `idle_timeout`, or the server stops. At shutdown a
+    /// tunnel is closed at once: it has no exchange to finish, so waiting would only hold
+    /// the shutdown for `shutdown_grace` (WebSocket clients reconnect, to another replica).
+    async fn run_tunnel(&mut self, mut pipe: TunnelFuture, activity: &Activity) {
+        let peer = self.info.peer;
+        if *self.stop.borrow() {
+            debug!(%peer, "closing upgraded connection: shutting down");
+            return;
+        }
+        while let Some(deadline) = activity.tunnel_deadline(self.opts.idle_timeout) {
+            tokio::select! {
+                () = pipe.as_mut() => return,
+                changed = self.stop.changed() => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        debug!(%peer, "closing upgraded connection: shutting down");
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        debug!(%peer, "closing idle upgraded connection");
     }
 }
 
@@ -579,6 +649,9 @@ struct Activity {
     in_flight: AtomicUsize,
     /// HTTP/2 reads control frames while idle, so there is no "head started" signal.
     http2: AtomicBool,
+    /// The byte pipe of an upgraded connection, from its `101` until hyper lets go of the
+    /// connection (see [`Tunnel`]).
+    tunnel: Mutex<Option<TunnelFuture>>,
 }
 
 enum Verdict {
@@ -598,7 +671,26 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
+            tunnel: Mutex::new(None),
         }
+    }
+
+    fn hold_tunnel(&self, tunnel: Tunnel) {
+        if let (Some(pipe), Ok(mut slot)) = (tunnel.take(), self.tunnel.lock()) {
+            *slot = Some(pipe);
+        }
+    }
+
+    fn take_tunnel(&self) -> Option<TunnelFuture> {
+        self.tunnel.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// When an upgraded connection becomes idle: `idle_timeout` after its last byte in either
+    /// direction; `None` once that has passed.
+    fn tunnel_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
+        let idle = u64::try_from(idle_timeout.as_millis()).unwrap_or(NONE / 2);
+        let deadline = self.last_io.load(Ordering::Relaxed).saturating_add(idle);
+        (self.now_ms() < deadline).then(|| self.at(deadline))
     }
 
     fn now_ms(&self) -> u64 {

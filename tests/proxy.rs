@@ -510,39 +510,100 @@ async fn connect_and_bad_host_are_refused() {
     .await;
 }
 
+/// Asks `gateway` to upgrade `/ws` to a WebSocket; returns the connection and the response
+/// head (lowercased).
+async fn open_websocket(gateway: std::net::SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(gateway).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: gateway.test\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&head).to_ascii_lowercase())
+}
+
+/// Sends `text` through an open tunnel to the echoing origin and reads it back.
+async fn echo_through(s: &mut TcpStream, text: &[u8]) {
+    s.write_all(text).await.unwrap();
+    let mut echoed = vec![0u8; text.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, text);
+}
+
 #[tokio::test]
 async fn websocket_upgrade_passes_through_after_the_origin_agrees() {
     bounded(async {
         let origin = TestOrigin::start(vec![("/ws", Reply::UpgradeEcho)]).await;
         let gw = start_gateway(&ConfigBuilder::new(&origin.url()).build()).await;
-        let mut s = TcpStream::connect(gw.addr).await.unwrap();
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: gateway.test\r\nConnection: Upgrade\r\n\
-              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let (mut s, head) = open_websocket(gw.addr).await;
         assert!(head.starts_with("http/1.1 101"), "{head}");
         assert!(head.contains("upgrade: websocket"), "{head}");
         assert!(head.contains("connection: upgrade"), "{head}");
-        s.write_all(b"ping through the tunnel").await.unwrap();
-        let mut echoed = [0u8; 23];
-        s.read_exact(&mut echoed).await.unwrap();
-        assert_eq!(&echoed, b"ping through the tunnel");
+        echo_through(&mut s, b"ping through the tunnel").await;
         let seen = origin.only_request();
         assert_eq!(seen.header("upgrade"), Some("websocket"));
         assert_eq!(
             seen.header("sec-websocket-key"),
             Some("dGhlIHNhbXBsZSBub25jZQ==")
         );
+        // Shutdown closes the open tunnel at once instead of waiting out `shutdown_grace`
+        // (30 s here): a tunnel has no exchange to finish.
+        let stopping = Instant::now();
+        gw.shutdown().await.unwrap();
+        let rest = read_until_close(&mut s, Duration::from_secs(20)).await;
+        assert!(rest.is_empty(), "{rest}");
+        assert!(stopping.elapsed() < Duration::from_secs(10));
+    })
+    .await;
+}
+
+/// An upgraded connection is still a connection: it holds its `max_connections` slot for as
+/// long as it lives, traffic in either direction keeps it open past `idle_timeout`, and
+/// `idle_timeout` without a byte closes it (before this, tunnels ran in tasks of their own,
+/// outside the limit, the idle timeout and the drain).
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_slot_and_is_closed_when_idle() {
+    bounded(async {
+        let origin = TestOrigin::start(vec![("/ws", Reply::UpgradeEcho)]).await;
+        let gw = start_gateway(
+            &ConfigBuilder::new(&origin.url())
+                .server("max_connections = 1")
+                .server("idle_timeout = \"1500ms\"")
+                .build(),
+        )
+        .await;
+        let (mut ws, head) = open_websocket(gw.addr).await;
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        let upgraded = Instant::now();
+
+        // The tunnel holds the only slot: a second client waits in the backlog.
+        let addr = gw.addr;
+        let second = tokio::spawn(async move { raw_get(addr, "/free/2", "").await });
+        // Traffic keeps the tunnel open well past idle_timeout.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            echo_through(&mut ws, b"still here").await;
+        }
+        assert!(upgraded.elapsed() > Duration::from_millis(2000));
+        assert!(!second.is_finished(), "served beyond max_connections");
+
+        // Silence for idle_timeout closes the tunnel, and the waiting client gets its slot.
+        let quiet = Instant::now();
+        let rest = read_until_close(&mut ws, Duration::from_secs(10)).await;
+        assert!(rest.is_empty(), "{rest}");
+        let waited = quiet.elapsed();
+        assert!(waited >= Duration::from_millis(1200), "{waited:?}");
+        assert!(waited < Duration::from_secs(8), "{waited:?}");
+        let r = second.await.unwrap();
+        assert_eq!(raw_status(&r), Some(200), "{r}");
         gw.shutdown().await.unwrap();
     })
     .await;
