@@ -32,6 +32,7 @@ use crate::body::{empty, Body};
 use crate::config::{Config, Mode};
 use crate::flow::Outcome;
 use crate::gateway::{GatewayError, RequestContext};
+use crate::metrics::RequestOutcome;
 use crate::pages;
 use crate::path::{self, NormalizedPath};
 
@@ -167,6 +168,11 @@ pub fn original_target(headers: &HeaderMap) -> Result<(String, Option<String>), 
 
 /// Answers one request to the forward-auth endpoint.
 ///
+/// Each answer is counted in `taler_paywall_requests_total` as the decision it carries, as if
+/// the gateway had served the request itself: `proxied` (unprotected), `paid`, or the refusal
+/// (`payment_required`, `refunded`, ...). A peer outside `trusted_proxies` is counted as
+/// `bad_request`, and so are the errors below (by the gateway).
+///
 /// # Errors
 /// A [`GatewayError`] for a bad style, a missing or ambiguous forwarded URI, or one that
 /// cannot be normalised (each a 4xx: the front proxy never lets such a request through).
@@ -176,6 +182,7 @@ pub async fn handle<B>(
 ) -> Result<Response<Body>, GatewayError> {
     let app = ctx.app;
     if !ctx.peer_trusted {
+        app.metrics.request(RequestOutcome::BadRequest);
         info!(peer = %ctx.conn.peer, "forward-auth request from a peer not in server.trusted_proxies");
         return Ok(no_store(pages::error(
             StatusCode::FORBIDDEN,
@@ -197,6 +204,7 @@ pub async fn handle<B>(
             decision = "unprotected",
             "forward-auth"
         );
+        app.metrics.request(RequestOutcome::Proxied);
         return Ok(let_through(style, Vec::new(), origin_cookie));
     };
     let client = app.client_ip(req.headers(), ctx.conn.peer.ip());
@@ -226,19 +234,28 @@ pub async fn handle<B>(
                 decision = "paid",
                 "forward-auth"
             );
+            app.metrics.request(RequestOutcome::Paid);
             Ok(let_through(style, set_cookies, origin_cookie))
         }
         Outcome::Respond { response, kind } => {
             info!(method, path = path.as_str(), status = response.status().as_u16(),
                 decision = ?kind, "forward-auth");
             if app.config.server.mode == Mode::Observe {
-                // Observe mode: the decision is made and logged, everything is let through.
+                // Observe mode: the decision is made, logged and counted; everything is let
+                // through.
+                app.metrics.request(kind.into());
+                app.metrics.observe_forwarded();
                 return Ok(let_through(style, Vec::new(), origin_cookie));
             }
-            match style {
+            let answer = match style {
                 Style::Redirect => Ok(response),
                 Style::Nginx => nginx_refusal(response).await,
+            };
+            // A failure to translate the refusal is counted by the gateway, as an error.
+            if answer.is_ok() {
+                app.metrics.request(kind.into());
             }
+            answer
         }
     }
 }

@@ -253,6 +253,9 @@ pub struct Gateway {
 struct Outcome {
     path: Option<NormalizedPath>,
     protected: bool,
+    /// The answer was already counted in the metrics where it was decided (payment flow,
+    /// forward-auth); only errors are counted at the end.
+    counted: bool,
 }
 
 impl Gateway {
@@ -302,8 +305,10 @@ impl Gateway {
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let path = outcome.path.as_ref().map_or("-", NormalizedPath::as_str);
         match &result {
-            // Protected requests are counted where the payment decision is made.
-            Ok(_) if !outcome.protected => app.metrics.request(RequestOutcome::Proxied),
+            // Protected and forward-auth requests are counted where the decision is made.
+            Ok(_) if !outcome.protected && !outcome.counted => {
+                app.metrics.request(RequestOutcome::Proxied);
+            }
             Ok(_) => {}
             Err(err) => {
                 let (counted, origin) = error_metrics(err);
@@ -372,6 +377,7 @@ impl Gateway {
         if crate::forward_auth::is_endpoint(&ctx.app.config, &path) {
             // A front proxy asks about another request (`[forward_auth]`); nothing is forwarded.
             outcome.path = Some(path);
+            outcome.counted = true;
             return crate::forward_auth::handle(req, ctx)
                 .instrument(ctx.span())
                 .await;

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use support::{bounded, client, send, TestOrigin, TestResponse};
 use taler_paywall::config::{Config, NoEnv};
-use taler_paywall::gateway::RunningGateway;
+use taler_paywall::gateway::{App, RunningGateway};
 use taler_paywall::sandbox::{Sandbox, SandboxOptions};
 
 const AUTH: &str = "/.well-known/taler-paywall/auth";
@@ -27,6 +27,7 @@ struct Fixture {
     sandbox: Sandbox,
     gateway: Option<RunningGateway>,
     addr: SocketAddr,
+    app: std::sync::Arc<App>,
 }
 
 fn config_text(addr: SocketAddr, origin: &str, merchant: &str, trusted: &str) -> String {
@@ -74,7 +75,8 @@ impl Fixture {
         let text = config_text(addr, &origin.url(), sandbox.base_url().as_str(), trusted);
         let config = Config::from_toml_str(&text, std::path::Path::new("fa.toml"), &NoEnv)
             .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
-        let gateway = taler_paywall::gateway::spawn(config, listener)
+        let app = std::sync::Arc::new(App::new(config).expect("app"));
+        let gateway = taler_paywall::gateway::spawn_app(app.clone(), listener)
             .await
             .expect("gateway starts");
         Fixture {
@@ -82,7 +84,18 @@ impl Fixture {
             sandbox,
             gateway: Some(gateway),
             addr,
+            app,
         }
+    }
+
+    /// `taler_paywall_requests_total{outcome}` as counted so far.
+    fn requests_counted(&self, outcome: &str) -> u64 {
+        let key = format!("taler_paywall_requests_total{{outcome=\"{outcome}\"}} ");
+        let text = self.app.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in\n{text}"))
     }
 
     /// Asks the endpoint about `uri`, as a front proxy would.
@@ -215,6 +228,9 @@ async fn unprotected_uris_pass_without_a_merchant_call() {
             (0, 0),
             "unprotected paths called the merchant"
         );
+        // Counted as the front proxy will serve them: proxied, unprotected.
+        assert_eq!(f.requests_counted("proxied"), 16);
+        assert_eq!(f.requests_counted("payment_required"), 0);
         f.shutdown().await;
     })
     .await;
@@ -303,6 +319,11 @@ async fn redirect_style_sends_the_browser_to_pay_and_then_lets_it_through() {
             ask(jar.clone(), "/premium/y").await.status,
             StatusCode::FOUND
         );
+        // Each answer was counted as the decision it carried (the cookie check, the order,
+        // "not paid yet" and /premium/y ask for payment), never as a proxied request.
+        assert_eq!(f.requests_counted("paid"), 1);
+        assert_eq!(f.requests_counted("payment_required"), 4);
+        assert_eq!(f.requests_counted("proxied"), 0);
         f.shutdown().await;
     })
     .await;
@@ -397,6 +418,8 @@ async fn an_untrusted_peer_is_refused() {
             }
         }
         assert_eq!(f.sandbox.calls().create_order, 0);
+        assert_eq!(f.requests_counted("bad_request"), 4);
+        assert_eq!(f.requests_counted("proxied"), 0);
         f.shutdown().await;
     })
     .await;
