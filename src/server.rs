@@ -91,8 +91,8 @@ impl ConnInfo {
 /// spawning it. The server then runs it inside the connection's task once hyper has handed the
 /// connection over, so that an upgraded connection keeps its `max_connections` slot and its
 /// place in the open-connections gauge, is closed after `idle_timeout` without traffic, and is
-/// closed when shutdown begins. (A tunnel in a task of its own would escape all three: a client could
-/// hold any number of idle upgraded connections.)
+/// closed when shutdown begins. (A tunnel in a task of its own would escape all three: a
+/// client could hold any number of idle upgraded connections.)
 #[derive(Clone)]
 pub struct Tunnel(Arc<Mutex<Option<TunnelFuture>>>);
 
