@@ -594,18 +594,15 @@ impl<H> Conn<H> {
     /// the shutdown for `shutdown_grace` (WebSocket clients reconnect, to another replica).
     async fn run_tunnel(&mut self, mut pipe: TunnelFuture, activity: &Activity) {
         let peer = self.info.peer;
-        if *self.stop.borrow() {
-            debug!(%peer, "closing upgraded connection: shutting down");
-            return;
-        }
+        // Ready at once if shutdown began already (or the server is gone).
+        let stopping = self.stop.wait_for(|stop| *stop);
+        tokio::pin!(stopping);
         while let Some(deadline) = activity.tunnel_deadline(self.opts.idle_timeout) {
             tokio::select! {
                 () = pipe.as_mut() => return,
-                changed = self.stop.changed() => {
-                    if changed.is_err() || *self.stop.borrow() {
-                        debug!(%peer, "closing upgraded connection: shutting down");
-                        return;
-                    }
+                _ = &mut stopping => {
+                    debug!(%peer, "closing upgraded connection: shutting down");
+                    return;
                 }
                 () = tokio::time::sleep_until(deadline) => {}
             }
@@ -651,7 +648,7 @@ struct Activity {
     http2: AtomicBool,
     /// The byte pipe of an upgraded connection, from its `101` until hyper lets go of the
     /// connection (see [`Tunnel`]).
-    tunnel: Mutex<Option<TunnelFuture>>,
+    tunnel: Mutex<Option<Tunnel>>,
 }
 
 enum Verdict {
@@ -676,13 +673,13 @@ impl Activity {
     }
 
     fn hold_tunnel(&self, tunnel: Tunnel) {
-        if let (Some(pipe), Ok(mut slot)) = (tunnel.take(), self.tunnel.lock()) {
-            *slot = Some(pipe);
+        if let Ok(mut slot) = self.tunnel.lock() {
+            *slot = Some(tunnel);
         }
     }
 
     fn take_tunnel(&self) -> Option<TunnelFuture> {
-        self.tunnel.lock().ok().and_then(|mut slot| slot.take())
+        self.tunnel.lock().ok()?.take()?.take()
     }
 
     /// When an upgraded connection becomes idle: `idle_timeout` after its last byte in either
