@@ -24,11 +24,13 @@
 
 use std::cell::Cell;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt as _};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -159,28 +161,35 @@ pub fn enter_serving_thread(index: usize) {
 
 impl OriginClient {
     /// Sends the finished upstream request (origin-form target for the plain pool, absolute for
-    /// hyper-util's client) through the calling thread's pool.
-    async fn send(&self, upstream: Request<Body>) -> Result<Response<Body>, ProxyError> {
+    /// hyper-util's client) through the calling thread's pool. The request is handed over
+    /// when this is called (see [`H1Pool::send`]); the future waits for the response.
+    fn send(
+        &self,
+        upstream: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send + '_ {
         let thread = SERVING_THREAD.with(Cell::get);
-        if let Some(pool) = &self.plain {
-            return match pool.send(thread, upstream).await {
-                Ok(resp) => Ok(resp),
-                Err(SendError::Connect(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    Err(ProxyError::ConnectTimeout(Box::new(e)))
-                }
-                Err(SendError::Connect(e)) => Err(ProxyError::Unreachable(Box::new(e))),
-                Err(SendError::Http(e)) => Err(match find_source::<BodyTooLarge>(&e) {
-                    Some(too_large) => ProxyError::BodyTooLarge(*too_large),
-                    None => ProxyError::Origin(Box::new(e)),
-                }),
-            };
+        match &self.plain {
+            Some(pool) => Either::Left(pool.send(thread, upstream).map(|sent| {
+                sent.map_err(|e| match e {
+                    SendError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        ProxyError::ConnectTimeout(Box::new(e))
+                    }
+                    SendError::Connect(e) => ProxyError::Unreachable(Box::new(e)),
+                    SendError::Http(e) => match find_source::<BodyTooLarge>(&e) {
+                        Some(too_large) => ProxyError::BodyTooLarge(*too_large),
+                        None => ProxyError::Origin(Box::new(e)),
+                    },
+                })
+            })),
+            None => {
+                let client = &self.clients[thread % self.clients.len()];
+                Either::Right(
+                    client
+                        .request(upstream)
+                        .map(|sent| sent.map(|resp| resp.map(body::boxed)).map_err(classify)),
+                )
+            }
         }
-        let client = &self.clients[thread % self.clients.len()];
-        client
-            .request(upstream)
-            .await
-            .map(|resp| resp.map(body::boxed))
-            .map_err(classify)
     }
 
     /// Builds the pooled client from `[origin]` and `[limits]`: for an `http` origin the
@@ -387,10 +396,12 @@ impl OriginClient {
                 .build()?
         };
 
-        let mut upstream = Request::new(body);
-        *upstream.method_mut() = parts.method;
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = parts.headers;
+        // The client's request, changed in place: its method and headers, the new target, and
+        // nothing else (hyper's extensions, the client's HTTP version) carried over.
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        parts.extensions = http::Extensions::new();
+        let upstream = Request::from_parts(parts, body);
 
         let resp = match tokio::time::timeout(self.response_timeout, self.send(upstream)).await {
             Err(_) => return Err(ProxyError::Timeout(self.response_timeout)),
