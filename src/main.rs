@@ -4,7 +4,8 @@
 /// jemalloc instead of glibc's allocator: hyper takes a fresh 8 KiB read buffer for most
 /// requests on both sides of the proxy, and glibc served those through its slow path
 /// (`_int_malloc`, fastbin consolidation): 6 % of the gateway's CPU time. See
-/// `docs/benchmarks.md`.
+/// `docs/benchmarks.md`. `.cargo/config.toml` gives jemalloc's 8–14 KiB size classes larger
+/// slabs when it is built, for the same buffers ("Ninth session" there).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
