@@ -423,14 +423,14 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let head = req.as_ref().ok_or_else(already_taken)?;
+        let head = req.as_ref().ok_or(ProxyError::NoRequest)?;
         reject_unacceptable(head)?;
         let path = normalize_path(head)?;
         if crate::forward_auth::is_endpoint(&ctx.app.config, &path) {
             // A front proxy asks about another request (`[forward_auth]`); nothing is forwarded.
             outcome.path = Some(path);
             outcome.counted = true;
-            let req = req.take().ok_or_else(already_taken)?;
+            let req = req.take().ok_or(ProxyError::NoRequest)?;
             return crate::forward_auth::handle(req, ctx)
                 .instrument(ctx.span())
                 .await;
@@ -472,7 +472,7 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let app = ctx.app;
-        let head = req.as_ref().ok_or_else(already_taken)?;
+        let head = req.as_ref().ok_or(ProxyError::NoRequest)?;
         let client = app.client_ip(head.headers(), ctx.conn.peer.ip());
         let outcome = app
             .payment
@@ -525,11 +525,6 @@ impl Gateway {
             }
         }
     }
-}
-
-/// A request forwarded or handed on twice: a bug, answered with 500 rather than a panic.
-fn already_taken() -> GatewayError {
-    GatewayError::Internal("the request was already taken".to_owned())
 }
 
 /// Origin responses on protected paths must never be stored by shared caches: `public` and

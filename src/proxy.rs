@@ -84,7 +84,9 @@ pub enum ProxyError {
     /// The upstream request could not be built; a bug, not the client's fault (500).
     #[error("cannot build the upstream request")]
     Build(#[from] http::Error),
-    /// [`OriginClient::forward`] found no request to send: taken before, a bug (500).
+    /// The request was already taken out to be sent or handed on (see
+    /// [`OriginClient::forward`]): a bug, answered with 500 rather than a panic. The gateway's
+    /// steps before the proxy report a missing request the same way.
     #[error("no request to forward")]
     NoRequest,
 }
