@@ -7,6 +7,12 @@
 //! one thread, and the lock is never contended in `serve`). `https` origins (TLS, HTTP/2 by
 //! ALPN) keep using `hyper-util`'s client; see [`crate::proxy::OriginClient`].
 //!
+//! Nothing a request does here writes memory that another serving thread writes too: each
+//! thread's idle list is its own allocation, aligned to a cache line pair, and a response
+//! body holds its thread's list, not the whole pool, to give its connection back. (With two
+//! threads writing one cache line, every such write waits for the line to come over from the
+//! other core, about 115 cycles on this project's benchmark machine; `docs/benchmarks.md`.)
+//!
 //! A connection is used by one request at a time. It goes back to its pool when the
 //! response body has been read to its end (or at once when the response has no body); a
 //! response whose body is dropped early, an upgraded (`101`) connection and a connection the
@@ -64,8 +70,31 @@ pub struct H1Pool {
     /// `host:port`, resolved at each new connection.
     target: String,
     connect_timeout: Duration,
+    shards: Box<[Arc<Shard>]>,
+}
+
+/// One serving thread's idle connections. Aligned so that no two threads' lists (or their
+/// `Arc` counts) share a cache line, nor the pair of lines x86 processors fetch together.
+#[repr(align(128))]
+struct Shard {
+    idle: Mutex<Vec<Idle>>,
     max_idle: usize,
-    shards: Box<[Mutex<Vec<Idle>>]>,
+}
+
+impl Shard {
+    fn put(&self, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
 }
 
 impl std::fmt::Debug for H1Pool {
@@ -83,9 +112,13 @@ impl H1Pool {
         H1Pool {
             target,
             connect_timeout,
-            max_idle,
             shards: (0..threads.max(1))
-                .map(|_| Mutex::new(Vec::new()))
+                .map(|_| {
+                    Arc::new(Shard {
+                        idle: Mutex::new(Vec::new()),
+                        max_idle,
+                    })
+                })
                 .collect(),
         }
     }
@@ -101,12 +134,12 @@ impl H1Pool {
     /// # Errors
     /// [`SendError`]: no connection, or the exchange failed.
     pub fn send(
-        self: &Arc<Self>,
+        &self,
         shard: usize,
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
-        let shard = shard % self.shards.len();
-        let start = match self.take_idle(shard) {
+        let shard = &self.shards[shard % self.shards.len()];
+        let start = match take_idle(shard) {
             Some(mut sender) => {
                 let response = sender.try_send_request(req);
                 Start::Sent(sender, response)
@@ -116,7 +149,7 @@ impl H1Pool {
         async move {
             let req = match start {
                 Start::Sent(sender, response) => match response.await {
-                    Ok(resp) => return Ok(self.track(shard, sender, resp)),
+                    Ok(resp) => return Ok(track(shard, sender, resp)),
                     Err(mut e) => match e.take_message() {
                         // Not written: the connection was closed under us. Once more, fresh.
                         Some(unsent) => unsent,
@@ -127,7 +160,7 @@ impl H1Pool {
             };
             let mut sender = self.connect().await?;
             match sender.try_send_request(req).await {
-                Ok(resp) => Ok(self.track(shard, sender, resp)),
+                Ok(resp) => Ok(track(shard, sender, resp)),
                 Err(e) => Err(SendError::Http(e.into_error())),
             }
         }
@@ -161,78 +194,58 @@ impl H1Pool {
         });
         Ok(sender)
     }
+}
 
-    /// The most recently used idle connection that can take a request now; drops closed and
-    /// expired ones on the way. Leaves alone those still finishing their last exchange.
-    fn take_idle(&self, shard: usize) -> Option<http1::SendRequest<Body>> {
-        let mut idle = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let entry = &idle[i];
-            if entry.sender.is_closed() || entry.since.elapsed() > IDLE_TIMEOUT {
-                // The entry moved into `i` comes from the end, already looked at.
-                idle.swap_remove(i);
-            } else if entry.sender.is_ready() {
-                return Some(idle.swap_remove(i).sender);
-            }
+/// The most recently used idle connection of `shard` that can take a request now; drops
+/// closed and expired ones on the way. Leaves alone those still finishing their last exchange.
+fn take_idle(shard: &Shard) -> Option<http1::SendRequest<Body>> {
+    let mut idle = shard.idle.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut i = idle.len();
+    while i > 0 {
+        i -= 1;
+        let entry = &idle[i];
+        if entry.sender.is_closed() || entry.since.elapsed() > IDLE_TIMEOUT {
+            // The entry moved into `i` comes from the end, already looked at.
+            idle.swap_remove(i);
+        } else if entry.sender.is_ready() {
+            return Some(idle.swap_remove(i).sender);
         }
-        None
     }
+    None
+}
 
-    fn put(&self, shard: usize, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() || self.max_idle == 0 {
-            return;
-        }
-        let mut idle = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= self.max_idle {
-            idle.remove(0);
-        }
-        idle.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
+/// Wraps the response so that its connection goes back to `shard` at the body's end.
+fn track(
+    shard: &Arc<Shard>,
+    sender: http1::SendRequest<Body>,
+    resp: Response<Incoming>,
+) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection becomes the tunnel (see `proxy::tunnel`); never reused.
+        return resp.map(body::boxed);
     }
-
-    /// Wraps the response so that its connection goes back to the pool at the body's end.
-    fn track(
-        self: &Arc<Self>,
-        shard: usize,
-        sender: http1::SendRequest<Body>,
-        resp: Response<Incoming>,
-    ) -> Response<Body> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The connection becomes the tunnel (see `proxy::tunnel`); never reused.
-            return resp.map(body::boxed);
-        }
-        if resp.body().is_end_stream() {
-            self.put(shard, sender);
-            return resp.map(body::boxed);
-        }
-        let pool = Arc::clone(self);
-        resp.map(|inner| {
-            body::boxed(Returning {
-                inner,
-                back: Some((pool, shard, sender)),
-            })
+    if resp.body().is_end_stream() {
+        shard.put(sender);
+        return resp.map(body::boxed);
+    }
+    resp.map(|inner| {
+        body::boxed(Returning {
+            inner,
+            back: Some((Arc::clone(shard), sender)),
         })
-    }
+    })
 }
 
 /// A response body that returns its connection to the pool once read to the end.
 struct Returning {
     inner: Incoming,
-    back: Option<(Arc<H1Pool>, usize, http1::SendRequest<Body>)>,
+    back: Option<(Arc<Shard>, http1::SendRequest<Body>)>,
 }
 
 impl Returning {
     fn give_back(&mut self) {
-        if let Some((pool, shard, sender)) = self.back.take() {
-            pool.put(shard, sender);
+        if let Some((shard, sender)) = self.back.take() {
+            shard.put(sender);
         }
     }
 }

@@ -121,7 +121,7 @@ pub struct OriginClient {
     clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
     /// For `http` origins: HTTP/1.1 keep-alive connections, one pool per serving thread
     /// ([`crate::origin_pool`]).
-    plain: Option<Arc<H1Pool>>,
+    plain: Option<H1Pool>,
     scheme: Scheme,
     authority: Authority,
     /// The origin URL's path without a trailing slash (`""` for the root).
@@ -153,6 +153,11 @@ thread_local! {
     static SERVING_THREAD: Cell<usize> = const { Cell::new(0) };
 }
 
+/// The index of the calling serving thread (0 outside the serving threads).
+pub fn serving_thread() -> usize {
+    SERVING_THREAD.with(Cell::get)
+}
+
 /// Origin clients built after this call keep one connection pool per serving thread, `n` in
 /// all (`taler-paywall serve` runs one single-threaded runtime per thread).
 pub fn set_serving_threads(n: usize) {
@@ -172,7 +177,7 @@ impl OriginClient {
         &self,
         upstream: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send + '_ {
-        let thread = SERVING_THREAD.with(Cell::get);
+        let thread = serving_thread();
         match &self.plain {
             Some(pool) => Either::Left(pool.send(thread, upstream).map(|sent| {
                 sent.map_err(|e| match e {
@@ -273,7 +278,7 @@ impl OriginClient {
                 origin.max_idle_per_host,
                 threads,
             );
-            (Box::default(), Some(Arc::new(pool)))
+            (Box::default(), Some(pool))
         } else {
             let clients = (0..threads)
                 .map(|_| {

@@ -120,6 +120,27 @@ async fn sequential_requests_share_one_connection() {
     .await;
 }
 
+/// Each serving thread borrows from and returns to its own idle list: a connection one
+/// thread's request returned is not taken by another thread's.
+#[tokio::test]
+async fn each_serving_thread_keeps_its_own_idle_connections() {
+    bounded(async {
+        let origin = Origin::start(Duration::from_secs(30)).await;
+        let pool = H1Pool::new(origin.addr.to_string(), Duration::from_secs(2), 8, 2);
+        for (thread, accepted) in [(0, 1), (0, 1), (1, 2), (1, 2), (0, 2)] {
+            let resp = pool.send(thread, get("/small")).await.expect("send");
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await.expect("body");
+            assert_eq!(
+                origin.accepted(),
+                accepted,
+                "after a request on thread {thread}"
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_connection_the_origin_closed_is_replaced_without_an_error() {
     bounded(async {
