@@ -15,7 +15,8 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -244,11 +245,43 @@ impl GatewayError {
 
 /// The request pipeline. Implements [`server::Handler`].
 ///
-/// The current [`App`] sits in an [`arc_swap::ArcSwap`]: each request takes one snapshot
-/// (an `Arc` clone, lock-free) and a reload stores a new one without ever blocking readers.
-#[derive(Debug, Clone)]
+/// The current [`App`] sits in an [`arc_swap::ArcSwap`] shared by every clone; a reload
+/// stores a new one and bumps a generation number, never blocking readers. Each clone keeps
+/// its own snapshot of the current `App` ([`Current`]), refreshed when the generation moves,
+/// and a request holds that snapshot (one `Arc` clone of memory only this clone writes).
+/// `serve` gives each serving thread a clone of its own, so that no per-request reference
+/// count is written by two threads: each such write would wait for the cache line to come
+/// over from the other core (`docs/benchmarks.md`, "Tenth session").
+#[derive(Debug)]
 pub struct Gateway {
-    app: Arc<arc_swap::ArcSwap<App>>,
+    shared: Arc<Shared>,
+    /// This clone's snapshot of the current `App`; the lock is only ever taken by this
+    /// clone's requests, for an `Arc` clone.
+    local: Mutex<Option<Arc<Current>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    app: arc_swap::ArcSwap<App>,
+    /// Raised (after the store) by every [`Gateway::replace_app`].
+    generation: AtomicU64,
+}
+
+/// One clone's snapshot of the `App` of one generation.
+#[derive(Debug)]
+struct Current {
+    generation: u64,
+    app: Arc<App>,
+}
+
+impl Clone for Gateway {
+    /// Another handle on the same `App`, with a snapshot of its own.
+    fn clone(&self) -> Self {
+        Gateway {
+            shared: Arc::clone(&self.shared),
+            local: Mutex::new(None),
+        }
+    }
 }
 
 /// What the log line of a request needs from the inner steps.
@@ -265,18 +298,43 @@ impl Gateway {
     /// A gateway running against `app`.
     pub fn new(app: Arc<App>) -> Self {
         Gateway {
-            app: Arc::new(arc_swap::ArcSwap::new(app)),
+            shared: Arc::new(Shared {
+                app: arc_swap::ArcSwap::new(app),
+                generation: AtomicU64::new(0),
+            }),
+            local: Mutex::new(None),
         }
     }
 
     /// The shared state new requests run against.
     pub fn app(&self) -> Arc<App> {
-        self.app.load_full()
+        self.shared.app.load_full()
     }
 
     /// Makes `app` the state of every request that starts from now on (reload).
     pub fn replace_app(&self, app: Arc<App>) {
-        self.app.store(app);
+        self.shared.app.store(app);
+        self.shared.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// This clone's snapshot of the current `App`, taken anew when a reload happened since.
+    ///
+    /// The generation is read before the `App`: a snapshot is never older than the generation
+    /// it is filed under (at worst newer, which the next call replaces once more).
+    fn current(&self) -> Arc<Current> {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*local {
+            Some(current) if current.generation == generation => Arc::clone(current),
+            _ => {
+                let current = Arc::new(Current {
+                    generation,
+                    app: self.shared.app.load_full(),
+                });
+                *local = Some(Arc::clone(&current));
+                current
+            }
+        }
     }
 
     /// Answers one request. Never fails: errors become pages chosen by `Accept`. Generic over
@@ -310,8 +368,8 @@ impl Gateway {
     {
         let started = Instant::now();
         // One snapshot of the shared state for the whole request.
-        let snapshot = self.app.load_full();
-        let app: &App = &snapshot;
+        let snapshot = self.current();
+        let app: &App = &snapshot.app;
         let peer_trusted = app.trusts(conn.peer.ip());
         let (request_id, html, method, version) = match &req {
             Some(r) => (
@@ -894,7 +952,9 @@ async fn serve_per_thread(
     let mut done = Vec::new();
     for (index, std_listener) in listeners.into_iter().enumerate() {
         let (tx, rx) = oneshot::channel::<anyhow::Result<()>>();
-        let gateway = gateway.clone();
+        // A handle of this thread's own: every request clones it and its `App` snapshot,
+        // and those counts are then written by this thread only.
+        let gateway = Arc::new(Gateway::clone(&gateway));
         let opts = opts.clone();
         let mut stopped = stopped.clone();
         std::thread::Builder::new()
@@ -951,6 +1011,60 @@ async fn serve_per_thread(
 mod tests {
     use super::*;
     use crate::body::BodyTooLarge;
+
+    fn test_app() -> Arc<App> {
+        let text = r#"[server]
+listen = "127.0.0.1:8080"
+public_url = "https://shop.example"
+
+[origin]
+url = "http://127.0.0.1:8000"
+
+[merchant]
+url = "https://backend.example/instances/shop/"
+token = "secret-token:unit-test"
+
+[session]
+secret = "unit-test-secret-0123456789abcdef-0123456789"
+"#;
+        let config = crate::config::Config::from_toml_str(
+            text,
+            std::path::Path::new("/etc/taler-paywall/gateway.toml"),
+            &crate::config::NoEnv,
+        )
+        .expect("config");
+        Arc::new(App::new(config).expect("app"))
+    }
+
+    /// A handle keeps one snapshot while nothing changes (so its requests share one count,
+    /// written by its thread only), and every handle, however cloned, takes the `App` a
+    /// reload stored for its next request.
+    #[tokio::test]
+    async fn each_handle_keeps_a_snapshot_until_a_reload() {
+        let first = test_app();
+        let gateway = Gateway::new(Arc::clone(&first));
+        let per_thread = Gateway::clone(&gateway);
+        let a = per_thread.current();
+        let b = per_thread.current();
+        assert!(Arc::ptr_eq(&a, &b), "no reload: the same snapshot");
+        assert!(Arc::ptr_eq(&a.app, &first));
+        // Another handle has a snapshot of its own, of the same `App`.
+        let other = gateway.current();
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert!(Arc::ptr_eq(&other.app, &first));
+
+        let second = test_app();
+        gateway.replace_app(Arc::clone(&second));
+        for handle in [&gateway, &per_thread] {
+            let now = handle.current();
+            assert!(
+                Arc::ptr_eq(&now.app, &second),
+                "a reload reaches every handle"
+            );
+        }
+        // A request that began before the reload still holds the old `App`.
+        assert!(Arc::ptr_eq(&a.app, &first));
+    }
 
     /// Every error maps to the status the interface promises; a new variant must be added
     /// here (and to the exhaustive `match`) to compile.
