@@ -1227,7 +1227,7 @@ impl Validator<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Distinctive values: if any of them shows up in a message or a `Debug` string, it leaked.
@@ -1236,7 +1236,8 @@ mod tests {
     const ENV_TOKEN: &str = "secret-token:ENVTOKEN-d1st1nct1ve-51b2";
     const ENV_SECRET: &str = "ENVSECRET-d1st1nct1ve-0123456789abcdef-a7d0";
 
-    const MINIMAL: &str = r#"[server]
+    /// The smallest valid configuration (also used by other modules' tests).
+    pub(crate) const MINIMAL: &str = r#"[server]
 listen = "127.0.0.1:8080"
 public_url = "https://shop.example"
 

@@ -1013,22 +1013,8 @@ mod tests {
     use crate::body::BodyTooLarge;
 
     fn test_app() -> Arc<App> {
-        let text = r#"[server]
-listen = "127.0.0.1:8080"
-public_url = "https://shop.example"
-
-[origin]
-url = "http://127.0.0.1:8000"
-
-[merchant]
-url = "https://backend.example/instances/shop/"
-token = "secret-token:unit-test"
-
-[session]
-secret = "unit-test-secret-0123456789abcdef-0123456789"
-"#;
         let config = crate::config::Config::from_toml_str(
-            text,
+            crate::config::tests::MINIMAL,
             std::path::Path::new("/etc/taler-paywall/gateway.toml"),
             &crate::config::NoEnv,
         )
