@@ -11,7 +11,8 @@
 //! thread's idle list is its own allocation, aligned to a cache line pair, and a response
 //! body holds its thread's list, not the whole pool, to give its connection back. (With two
 //! threads writing one cache line, every such write waits for the line to come over from the
-//! other core, about 115 cycles on this project's benchmark machine; `docs/benchmarks.md`.)
+//! other core: about 170–200 cycles more than a write to a line of the thread's own on this
+//! project's benchmark machine, `bench/contended_add.rs`.)
 //!
 //! A connection is used by one request at a time. It goes back to its pool when the
 //! response body has been read to its end (or at once when the response has no body); a
