@@ -277,7 +277,7 @@ pub const REQUEST_TARGET: &str = "taler_paywall::gateway";
 ///
 /// Its text is exactly what `info!(id = %id, peer = %peer, method = %method, path = %path,
 /// protected, status, bytes, ms, "request")` writes through [`LineFormat`] and
-/// [`LineFields`] (a unit test compares the two), but [`RequestLine::write_direct`] writes it
+/// [`LineFields`] (a unit test compares the two), but `RequestLine::write_direct` writes it
 /// straight into the thread's batch, without `tracing`'s field visitors and `fmt` machinery;
 /// that was a tenth of the instructions of a proxied request. `ms` is the time in whole
 /// microseconds, written as a decimal number of milliseconds (`0.25`, `12.0`).
@@ -310,7 +310,7 @@ impl RequestLine<'_> {
     }
 
     /// Logs the line at `info` if [`REQUEST_TARGET`] logs at `info`: directly when it can (see
-    /// [`Self::write_direct`]), else through `tracing`, with the same text either way.
+    /// `Self::write_direct`), else through `tracing`, with the same text either way.
     pub fn log(&self) {
         if tracing::enabled!(target: REQUEST_TARGET, Level::INFO) && !self.write_direct() {
             self.trace();
