@@ -247,7 +247,7 @@ impl GatewayError {
 ///
 /// The current [`App`] sits in an [`arc_swap::ArcSwap`] shared by every clone; a reload
 /// stores a new one and bumps a generation number, never blocking readers. Each clone keeps
-/// its own snapshot of the current `App` ([`Current`]), refreshed when the generation moves,
+/// its own snapshot of the current `App` (`Current`), refreshed when the generation moves,
 /// and a request holds that snapshot (one `Arc` clone of memory only this clone writes).
 /// `serve` gives each serving thread a clone of its own, so that no per-request reference
 /// count is written by two threads: each such write would wait for the cache line to come
@@ -960,7 +960,7 @@ async fn serve_per_thread(
         std::thread::Builder::new()
             .name(format!("serve-{index}"))
             .spawn(move || {
-                crate::proxy::enter_serving_thread(index);
+                crate::server::enter_serving_thread(index);
                 // Log lines collect per thread and are written out every tick and at the end
                 // (`logfmt::LineSink`).
                 let batch = crate::logfmt::batch_this_thread();

@@ -241,7 +241,7 @@ type HistogramFamily = Family<CallLabels, Histogram, fn() -> Histogram>;
 /// Slots of a [`PerThread`] counter; serving threads beyond this many share slots.
 const SLOTS: usize = 8;
 
-/// A counter value kept in one slot per serving thread ([`crate::proxy::serving_thread`]),
+/// A counter value kept in one slot per serving thread ([`crate::server::serving_thread`]),
 /// for counters that move on every request. Reading it sums the slots.
 #[derive(Debug, Default)]
 pub struct PerThread {
@@ -261,7 +261,7 @@ impl Atomic<u64> for PerThread {
 
     /// Adds `v`; returns the calling thread's slot before the add, not the total.
     fn inc_by(&self, v: u64) -> u64 {
-        let slot = &self.slots[crate::proxy::serving_thread() % SLOTS];
+        let slot = &self.slots[crate::server::serving_thread() % SLOTS];
         slot.0.fetch_add(v, Ordering::Relaxed)
     }
 
@@ -509,7 +509,7 @@ mod tests {
             for index in 0..SLOTS + 2 {
                 let m = &m;
                 scope.spawn(move || {
-                    crate::proxy::enter_serving_thread(index);
+                    crate::server::enter_serving_thread(index);
                     for _ in 0..100 {
                         m.request(RequestOutcome::Proxied);
                     }

@@ -22,7 +22,6 @@
 //! handed to the server in the response (a [`crate::server::Tunnel`] extension), which runs it
 //! inside the client connection's task.
 
-use std::cell::Cell;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,7 +114,8 @@ pub enum OriginSetupError {
 
 /// The client for the origin, built once at startup and shared by every request.
 pub struct OriginClient {
-    /// One pooled client per serving thread (see [`set_serving_threads`]): a request uses the
+    /// One pooled client per serving thread (see [`set_serving_threads`] and
+    /// [`crate::server::serving_thread`]): a request uses the
     /// pool of the thread it runs on, so it and its origin connection share a thread.
     /// For `https` origins (TLS, HTTP/2 by ALPN); empty for `http` origins.
     clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
@@ -148,25 +148,10 @@ impl std::fmt::Debug for OriginClient {
 /// [`set_serving_threads`] is called).
 static SERVING_THREADS: AtomicUsize = AtomicUsize::new(1);
 
-thread_local! {
-    /// The index of the serving thread this is (0 outside the serving threads).
-    static SERVING_THREAD: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The index of the calling serving thread (0 outside the serving threads).
-pub fn serving_thread() -> usize {
-    SERVING_THREAD.with(Cell::get)
-}
-
 /// Origin clients built after this call keep one connection pool per serving thread, `n` in
 /// all (`taler-paywall serve` runs one single-threaded runtime per thread).
 pub fn set_serving_threads(n: usize) {
     SERVING_THREADS.store(n.max(1), Ordering::Relaxed);
-}
-
-/// Marks the calling thread as serving thread `index` (from 0): its requests use that pool.
-pub fn enter_serving_thread(index: usize) {
-    SERVING_THREAD.with(|c| c.set(index));
 }
 
 impl OriginClient {
@@ -177,7 +162,7 @@ impl OriginClient {
         &self,
         upstream: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send + '_ {
-        let thread = serving_thread();
+        let thread = crate::server::serving_thread();
         match &self.plain {
             Some(pool) => Either::Left(pool.send(thread, upstream).map(|sent| {
                 sent.map_err(|e| match e {

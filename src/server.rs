@@ -55,6 +55,23 @@ use tracing::{debug, info, warn};
 use crate::body::{Body, BoxError};
 use crate::config::ServerConfig;
 
+thread_local! {
+    /// The index of the serving thread this is (0 outside the serving threads).
+    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as serving thread `index` (from 0). Per-thread state elsewhere
+/// (the origin connection pools, the per-request counters) is picked by this index, so that
+/// two serving threads never write the same memory for a request.
+pub fn enter_serving_thread(index: usize) {
+    SERVING_THREAD.with(|c| c.set(index));
+}
+
+/// The index of the calling serving thread (0 outside the serving threads).
+pub fn serving_thread() -> usize {
+    SERVING_THREAD.with(std::cell::Cell::get)
+}
+
 /// What the server knows about the connection a request arrived on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
