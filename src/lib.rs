@@ -20,6 +20,7 @@
 //! - [`body`]: the body type and helpers.
 //! - [`pages`]: the synthetic responses (errors, payment required, refunded), from templates.
 //! - [`origin_pool`]: keep-alive HTTP/1.1 connections to a plain-`http` origin, per thread.
+//! - [`origin_h1`]: its fast path, bodiless `GET`/`HEAD` exchanged in the request's own task.
 //! - [`proxy`]: forwarding to the origin (hop-by-hop, `X-Forwarded-*`, streaming, upgrades).
 //! - [`server`]: accept loops, TLS, limits, graceful shutdown.
 //! - [`gateway`]: one request, from normalisation to response.
@@ -51,6 +52,7 @@ pub mod gateway;
 pub mod logfmt;
 pub mod merchant;
 pub mod metrics;
+pub mod origin_h1;
 pub mod origin_pool;
 pub mod pages;
 pub mod path;

@@ -32,7 +32,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use futures_util::future::Either;
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -40,6 +41,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::body::{self, Body, BoxError};
+use crate::origin_h1::{self, Conn, Decoder, ExchangeError, Head, Step};
 
 /// An idle connection unused for this long is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -51,6 +53,8 @@ pub enum SendError {
     Connect(std::io::Error),
     /// The exchange failed on an open connection.
     Http(hyper::Error),
+    /// The exchange on the fast path ([`crate::origin_h1`]) failed.
+    Direct(ExchangeError),
 }
 
 /// How [`H1Pool::send`] began: on an idle connection (`F` awaits its response), or with no
@@ -66,6 +70,12 @@ struct Idle {
     since: Instant,
 }
 
+/// An idle connection of the fast path.
+struct DirectIdle {
+    conn: Conn,
+    since: Instant,
+}
+
 /// The per-thread pools for one origin.
 pub struct H1Pool {
     /// `host:port`, resolved at each new connection.
@@ -78,11 +88,41 @@ pub struct H1Pool {
 /// `Arc` counts) share a cache line, nor the pair of lines x86 processors fetch together.
 #[repr(align(128))]
 struct Shard {
+    /// hyper's connections, for requests with a body or an upgrade and other methods.
     idle: Mutex<Vec<Idle>>,
+    /// Connections of the fast path: bodiless `GET` and `HEAD` ([`crate::origin_h1`]).
+    direct: Mutex<Vec<DirectIdle>>,
     max_idle: usize,
 }
 
 impl Shard {
+    /// Pools a fast-path connection whose last response ended cleanly.
+    fn put_direct(&self, mut conn: Conn) {
+        if self.max_idle == 0 || !conn.reset() {
+            return;
+        }
+        let mut idle = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(DirectIdle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// The most recently used idle fast-path connection that nothing arrived on since its
+    /// last response; drops expired and unusable ones on the way.
+    fn take_direct(&self) -> Option<Conn> {
+        let mut idle = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(entry) = idle.pop() {
+            if entry.since.elapsed() <= IDLE_TIMEOUT && entry.conn.is_reusable() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+
     fn put(&self, sender: http1::SendRequest<Body>) {
         if sender.is_closed() || self.max_idle == 0 {
             return;
@@ -117,6 +157,7 @@ impl H1Pool {
                 .map(|_| {
                     Arc::new(Shard {
                         idle: Mutex::new(Vec::new()),
+                        direct: Mutex::new(Vec::new()),
                         max_idle,
                     })
                 })
@@ -140,6 +181,62 @@ impl H1Pool {
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         let shard = &self.shards[shard % self.shards.len()];
+        if origin_h1::eligible(&req) {
+            Either::Left(self.send_direct(shard, req))
+        } else {
+            Either::Right(self.send_hyper(shard, req))
+        }
+    }
+
+    /// The fast path: the request's head is written into an idle connection's buffer (or a
+    /// new one) at once and the request dropped; the future writes it and reads the response
+    /// in the calling task ([`crate::origin_h1`]).
+    fn send_direct<'a>(
+        &'a self,
+        shard: &'a Arc<Shard>,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
+        let head_request = req.method() == Method::HEAD;
+        let start = match shard.take_direct() {
+            Some(mut conn) => {
+                origin_h1::encode(&req, &mut conn.wbuf);
+                Ok(conn)
+            }
+            None => {
+                let mut wbuf = Vec::with_capacity(512);
+                origin_h1::encode(&req, &mut wbuf);
+                Err(wbuf)
+            }
+        };
+        drop(req);
+        async move {
+            let (mut conn, reused) = match start {
+                Ok(conn) => (conn, true),
+                Err(wbuf) => (self.connect_direct(wbuf).await?, false),
+            };
+            let head = match conn.exchange(head_request).await {
+                Ok(head) => head,
+                // GET and HEAD are idempotent: a reused connection the origin closed before
+                // answering gets the request once more, on a fresh connection.
+                Err(ExchangeError::Unanswered(_)) if reused => {
+                    let wbuf = std::mem::take(&mut conn.wbuf);
+                    conn = self.connect_direct(wbuf).await?;
+                    conn.exchange(head_request)
+                        .await
+                        .map_err(SendError::Direct)?
+                }
+                Err(e) => return Err(SendError::Direct(e)),
+            };
+            Ok(respond(shard, conn, head))
+        }
+    }
+
+    /// hyper's client connection, for everything the fast path does not take.
+    fn send_hyper<'a>(
+        &'a self,
+        shard: &'a Arc<Shard>,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
         let start = match take_idle(shard) {
             Some(mut sender) => {
                 let response = sender.try_send_request(req);
@@ -167,7 +264,27 @@ impl H1Pool {
         }
     }
 
+    async fn connect_direct(&self, wbuf: Vec<u8>) -> Result<Conn, SendError> {
+        let mut conn = Conn::new(self.connect_tcp().await?);
+        conn.wbuf = wbuf;
+        Ok(conn)
+    }
+
     async fn connect(&self) -> Result<http1::SendRequest<Body>, SendError> {
+        let stream = self.connect_tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "origin connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_tcp(&self) -> Result<tokio::net::TcpStream, SendError> {
         let stream = match tokio::time::timeout(
             self.connect_timeout,
             tokio::net::TcpStream::connect(self.target.as_str()),
@@ -184,16 +301,124 @@ impl H1Pool {
             Ok(Ok(s)) => s,
         };
         stream.set_nodelay(true).map_err(SendError::Connect)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(error = %e, "origin connection ended with an error");
+        Ok(stream)
+    }
+}
+
+/// The response of a fast-path exchange. A body that is already in the buffer whole (the
+/// common small page) becomes a plain body and the connection goes back to `shard` at once;
+/// otherwise the body reads from the connection and gives it back at its end.
+fn respond(shard: &Arc<Shard>, mut conn: Conn, head: Head) -> Response<Body> {
+    let Head {
+        status,
+        headers,
+        body: decoder,
+        keep_alive,
+    } = head;
+    let buffered = conn.buffer().len() as u64;
+    let body = match decoder.remaining() {
+        Some(n) if n <= buffered => {
+            // `n` fits: it is at most the buffer's length.
+            let data = conn.buffer().split_to(n as usize).freeze();
+            if keep_alive {
+                shard.put_direct(conn);
             }
-        });
-        Ok(sender)
+            if n == 0 {
+                body::empty()
+            } else {
+                body::full(data)
+            }
+        }
+        _ => body::boxed(Direct {
+            conn: Some(conn),
+            decoder,
+            keep_alive,
+            shard: Arc::clone(shard),
+        }),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// A fast-path response body, read from its connection as the client takes it.
+struct Direct {
+    /// `None` once the body has ended or broken.
+    conn: Option<Conn>,
+    decoder: Decoder,
+    keep_alive: bool,
+    shard: Arc<Shard>,
+}
+
+impl Direct {
+    /// The body has ended: the connection goes back to the pool if it may be reused.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && self.decoder.is_delimited() {
+                self.shard.put_direct(conn);
+            }
+        }
+    }
+
+    /// The body broke: the connection is closed.
+    fn fail(&mut self, e: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+impl http_body::Body for Direct {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(conn.buffer()) {
+                Ok(Step::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => match conn.poll_fill(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => match this.decoder.end_of_stream() {
+                        // Read until the close: never reused.
+                        Ok(()) => {
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Err(e) => return this.fail(e),
+                    },
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return this.fail(ExchangeError::Io(e)),
+                },
+                Err(e) => return this.fail(e),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 

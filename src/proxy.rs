@@ -174,6 +174,7 @@ impl OriginClient {
                         Some(too_large) => ProxyError::BodyTooLarge(*too_large),
                         None => ProxyError::Origin(Box::new(e)),
                     },
+                    SendError::Direct(e) => ProxyError::Origin(Box::new(e)),
                 })
             })),
             None => {

@@ -214,3 +214,307 @@ async fn a_refused_connection_is_a_connect_error() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fast path (`src/origin_h1.rs`) against an origin that writes raw bytes.
+
+/// What a scripted origin does after its answer.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Waits for the next request on the connection.
+    Keep,
+    /// Closes the connection.
+    Close,
+    /// Sends these bytes 100 ms later, unasked, and waits for the next request.
+    Unsolicited(&'static str),
+}
+
+/// An origin that answers each request head with raw bytes chosen by target, and by whether
+/// it is the first request on its connection. An answer of `None` closes the connection
+/// without a word.
+struct Scripted {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Script = fn(&str, bool) -> (Option<Vec<u8>>, Then);
+
+impl Scripted {
+    async fn start(script: Script) -> Scripted {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut first = true;
+                    loop {
+                        let end = loop {
+                            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut buf = [0u8; 4096];
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                        pending.drain(..end);
+                        let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+                        let (answer, then) = script(&target, first);
+                        first = false;
+                        let Some(bytes) = answer else { return };
+                        if stream.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                        match then {
+                            Then::Keep => {}
+                            Then::Close => return,
+                            Then::Unsolicited(extra) => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let _ = stream.write_all(extra.as_bytes()).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn pool(&self) -> Arc<H1Pool> {
+        Arc::new(H1Pool::new(
+            self.addr.to_string(),
+            Duration::from_secs(2),
+            8,
+            1,
+        ))
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn answer(text: &str, then: Then) -> (Option<Vec<u8>>, Then) {
+    (Some(text.as_bytes().to_vec()), then)
+}
+
+fn framing_script(target: &str, _first: bool) -> (Option<Vec<u8>>, Then) {
+    match target {
+        "/chunked" => answer(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            Then::Keep,
+        ),
+        "/extra" => answer(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged",
+            Then::Keep,
+        ),
+        "/close" => answer(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nclose",
+            Then::Close,
+        ),
+        "/http10" => answer("HTTP/1.0 200 OK\r\n\r\nuntil the end", Then::Close),
+        "/idle-noise" => answer(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnoise",
+            Then::Unsolicited("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"),
+        ),
+        "/head-only" => answer("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Then::Keep),
+        "/hints" => answer(
+            "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints",
+            Then::Keep,
+        ),
+        "/switch" => answer(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            Then::Keep,
+        ),
+        "/te-and-cl" => answer(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            Then::Keep,
+        ),
+        "/big-chunked" => {
+            let mut v = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for _ in 0..64 {
+                v.extend_from_slice(b"10000\r\n");
+                v.extend(std::iter::repeat_n(b'x', 0x10000));
+                v.extend_from_slice(b"\r\n");
+            }
+            v.extend_from_slice(b"0\r\n\r\n");
+            (Some(v), Then::Keep)
+        }
+        path => answer(
+            &format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                path.len()
+            ),
+            Then::Keep,
+        ),
+    }
+}
+
+async fn fetch_result(pool: &Arc<H1Pool>, req: Request<body::Body>) -> Result<Bytes, String> {
+    let resp = pool.send(0, req).await.map_err(|e| format!("{e:?}"))?;
+    match resp.into_body().collect().await {
+        Ok(all) => Ok(all.to_bytes()),
+        Err(e) => Err(format!("body: {e}")),
+    }
+}
+
+/// Connections are reused after responses that ended cleanly (length, chunks, a `HEAD`),
+/// and never after one that left bytes behind, asked to close, or ran until the close: the
+/// next request always gets its own response.
+#[tokio::test]
+async fn the_fast_path_reuses_only_connections_that_ended_cleanly() {
+    bounded(async {
+        let origin = Scripted::start(framing_script).await;
+        let pool = origin.pool();
+        let mut expect_connections = 1;
+        for (target, body, reused) in [
+            ("/a", "/a", true),
+            ("/chunked", "abcde", true),
+            ("/hints", "hints", true),
+            ("/extra", "ok", false),
+            ("/b", "/b", true),
+            ("/close", "close", false),
+            ("/c", "/c", true),
+            ("/http10", "until the end", false),
+            ("/d", "/d", true),
+        ] {
+            assert_eq!(
+                fetch_result(&pool, get(target)).await.as_deref(),
+                Ok(body.as_bytes()),
+                "{target}"
+            );
+            assert_eq!(origin.accepted(), expect_connections, "{target}");
+            if !reused {
+                expect_connections += 1;
+            }
+        }
+        // HEAD: the length is announced, no body is read, and the connection goes on; unless
+        // the origin sent a body anyway, which is never taken for the next response.
+        for (target, reused) in [("/head-only", true), ("/four", false)] {
+            let head = Request::head(target).header("host", "origin");
+            let resp = pool
+                .send(0, head.body(body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.headers()["content-length"], "5", "{target}");
+            assert!(resp
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .is_empty());
+            assert_eq!(
+                fetch_result(&pool, get("/e")).await.as_deref(),
+                Ok(&b"/e"[..])
+            );
+            if !reused {
+                expect_connections += 1;
+            }
+            assert_eq!(origin.accepted(), expect_connections, "{target}");
+        }
+        // A 4 MiB chunked body streams through and ends cleanly.
+        let big = fetch_result(&pool, get("/big-chunked")).await.unwrap();
+        assert_eq!(big.len(), 64 << 16);
+        assert_eq!(
+            fetch_result(&pool, get("/f")).await.as_deref(),
+            Ok(&b"/f"[..])
+        );
+        assert_eq!(origin.accepted(), expect_connections);
+    })
+    .await;
+}
+
+/// Bytes an origin sends on an idle connection are never read as the next response.
+#[tokio::test]
+async fn bytes_arriving_on_an_idle_connection_close_it() {
+    bounded(async {
+        let origin = Scripted::start(framing_script).await;
+        let pool = origin.pool();
+        assert_eq!(
+            fetch_result(&pool, get("/idle-noise")).await.as_deref(),
+            Ok(&b"noise"[..])
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            fetch_result(&pool, get("/g")).await.as_deref(),
+            Ok(&b"/g"[..])
+        );
+        assert_eq!(origin.accepted(), 2);
+    })
+    .await;
+}
+
+/// Responses the fast path cannot frame unambiguously are errors, and their connections
+/// are not reused.
+#[tokio::test]
+async fn the_fast_path_refuses_unrequested_switches_and_ambiguous_framing() {
+    bounded(async {
+        let origin = Scripted::start(framing_script).await;
+        let pool = origin.pool();
+        for target in ["/switch", "/te-and-cl"] {
+            let err = fetch_result(&pool, get(target)).await.unwrap_err();
+            assert!(err.contains("Malformed"), "{target}: {err}");
+        }
+        assert_eq!(
+            fetch_result(&pool, get("/h")).await.as_deref(),
+            Ok(&b"/h"[..])
+        );
+        assert_eq!(origin.accepted(), 3);
+    })
+    .await;
+}
+
+fn hangup_script(target: &str, first: bool) -> (Option<Vec<u8>>, Then) {
+    if first || target == "/fresh-hangup" {
+        if target == "/fresh-hangup" {
+            return (None, Then::Close);
+        }
+        return framing_script(target, first);
+    }
+    // A second request on a connection: closed unanswered (a keep-alive timeout race).
+    (None, Then::Close)
+}
+
+/// A reused connection that the origin closes before answering gets the (idempotent)
+/// request once more on a fresh connection; a fresh connection that does so is an error.
+#[tokio::test]
+async fn an_unanswered_request_on_a_reused_connection_is_sent_once_more() {
+    bounded(async {
+        let origin = Scripted::start(hangup_script).await;
+        let pool = origin.pool();
+        assert_eq!(
+            fetch_result(&pool, get("/i")).await.as_deref(),
+            Ok(&b"/i"[..])
+        );
+        assert_eq!(
+            fetch_result(&pool, get("/j")).await.as_deref(),
+            Ok(&b"/j"[..])
+        );
+        assert_eq!(origin.accepted(), 2);
+        let err = fetch_result(&pool, get("/fresh-hangup")).await.unwrap_err();
+        assert!(err.contains("Unanswered"), "{err}");
+    })
+    .await;
+}
