@@ -118,6 +118,7 @@ pub struct Conn {
     rbuf: BytesMut,
     /// The request head being sent.
     pub wbuf: Vec<u8>,
+    scratch: Scratch,
 }
 
 impl Conn {
@@ -127,6 +128,7 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_BUFFER),
             wbuf: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -158,7 +160,7 @@ impl Conn {
         let mut received = false;
         loop {
             if !self.rbuf.is_empty() {
-                if let Some(head) = parse_head(&mut self.rbuf, head_request)? {
+                if let Some(head) = parse_head(&mut self.rbuf, head_request, &mut self.scratch)? {
                     if head.status.is_informational() {
                         informational += 1;
                         if informational > MAX_INFORMATIONAL {
@@ -229,42 +231,52 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+/// Where a header's name and value are in a head being parsed.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Room for [`parse_head`] to note where the headers are, kept with the connection so that
+/// no request allocates or clears it whole.
+#[derive(Debug, Default)]
+pub struct Scratch(Vec<At>);
+
 /// Parses a response head at the start of `buf` and removes it from `buf`. `Ok(None)`: more
 /// bytes are needed. Informational heads are returned too (and consumed); their headers are
 /// not.
 ///
 /// # Errors
 /// [`ExchangeError::Malformed`] for anything the module docs refuse.
-pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ExchangeError> {
-    /// Where a header's name and value are in the head.
-    #[derive(Clone, Copy, Default)]
-    struct At {
-        name: (usize, usize),
-        value: (usize, usize),
-    }
+pub fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    scratch: &mut Scratch,
+) -> Result<Option<Head>, ExchangeError> {
     let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
         [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut at = [At::default(); MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let base = buf.as_ptr() as usize;
-    let (len, code, version, count) = match httparse::ParserConfig::default()
+    let at = &mut scratch.0;
+    at.clear();
+    let (len, code, version) = match httparse::ParserConfig::default()
         .parse_response_with_uninit_headers(&mut response, &buf[..], &mut slots)
     {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) => {
-            for (slot, h) in at.iter_mut().zip(response.headers.iter()) {
+            at.extend(response.headers.iter().map(|h| {
                 let name = h.name.as_ptr() as usize - base;
                 let value = h.value.as_ptr() as usize - base;
-                *slot = At {
+                At {
                     name: (name, name + h.name.len()),
                     value: (value, value + h.value.len()),
-                };
-            }
+                }
+            }));
             (
                 len,
                 response.code.unwrap_or(0),
                 response.version.unwrap_or(0),
-                response.headers.len(),
             )
         }
         Err(httparse::Error::TooManyHeaders) => {
@@ -287,11 +299,11 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         }));
     }
 
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(at.len());
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = version == 0;
-    for a in &at[..count] {
+    for a in at.iter() {
         let name = HeaderName::from_bytes(&head[a.name.0..a.name.1])
             .map_err(|_| ExchangeError::Malformed("invalid header name"))?;
         let raw = &head[a.value.0..a.value.1];
@@ -535,7 +547,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, head_request: bool) -> Result<Option<Head>, ExchangeError> {
-        parse_head(&mut BytesMut::from(text), head_request)
+        parse_head(
+            &mut BytesMut::from(text),
+            head_request,
+            &mut Scratch::default(),
+        )
     }
 
     fn malformed(text: &str) -> &'static str {
@@ -603,7 +619,9 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nSet-Cookie: a=1\r\n\
              Set-Cookie: b=2\r\nContent-Length: 5\r\n\r\nhello",
         );
-        let head = parse_head(&mut buf, false).unwrap().unwrap();
+        let head = parse_head(&mut buf, false, &mut Scratch::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.headers["content-type"], "text/html");
         assert_eq!(head.headers.get_all("set-cookie").iter().count(), 2);
@@ -692,9 +710,13 @@ mod tests {
         let mut buf = BytesMut::from(
             "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         );
-        let first = parse_head(&mut buf, false).unwrap().unwrap();
+        let first = parse_head(&mut buf, false, &mut Scratch::default())
+            .unwrap()
+            .unwrap();
         assert!(first.status.is_informational());
-        let second = parse_head(&mut buf, false).unwrap().unwrap();
+        let second = parse_head(&mut buf, false, &mut Scratch::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(second.status, StatusCode::OK);
         assert!(buf.is_empty());
     }
