@@ -7,6 +7,13 @@
 //! one thread, and the lock is never contended in `serve`). `https` origins (TLS, HTTP/2 by
 //! ALPN) keep using `hyper-util`'s client; see [`crate::proxy::OriginClient`].
 //!
+//! Two kinds of connection, each with its own idle list:
+//! - bodiless `GET` and `HEAD` requests, nearly all of a site's traffic, take the fast path
+//!   ([`crate::origin_h1`]): the request's own task writes the request head and reads the
+//!   response, and the connection is a plain socket with a read buffer;
+//! - every other request (a body, an upgrade, another method) goes through a hyper client
+//!   connection, which runs as a task of its own.
+//!
 //! Nothing a request does here writes memory that another serving thread writes too: each
 //! thread's idle list is its own allocation, aligned to a cache line pair, and a response
 //! body holds its thread's list, not the whole pool, to give its connection back. (With two
@@ -18,12 +25,13 @@
 //! response body has been read to its end (or at once when the response has no body); a
 //! response whose body is dropped early, an upgraded (`101`) connection and a connection the
 //! origin closes are never reused. Idle connections older than [`IDLE_TIMEOUT`] are dropped
-//! when next looked at, and at most `max_idle` stay idle per thread.
+//! when next looked at, and at most `max_idle` of each kind stay idle per thread.
 //!
-//! A request is retried once, on a fresh connection, only when hyper reports that it was
-//! not written at all because the pooled connection had been closed in the meantime (the
-//! origin's keep-alive timeout racing our reuse); a request that may have reached the origin
-//! is never sent twice.
+//! A fast-path request is sent once more, on a fresh connection, when a reused connection
+//! fails or closes before a byte of the response arrives (the origin's keep-alive timeout
+//! racing our reuse): `GET` and `HEAD` are idempotent (RFC 9110 §9.2.2). Any other request
+//! is retried only when hyper reports that it was not written at all; one that may have
+//! reached the origin is never sent twice.
 
 use std::future::Future;
 use std::pin::Pin;

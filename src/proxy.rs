@@ -1,4 +1,5 @@
-//! Forwarding to the origin: pooled connections (see [`crate::origin_pool`] for `http` origins),
+//! Forwarding to the origin: pooled connections (see [`crate::origin_pool`] for `http` origins,
+//! and [`crate::origin_h1`] for how it exchanges bodiless `GET` and `HEAD`),
 //! the request rewritten for the origin, and both bodies streamed through without buffering.
 //!
 //! What [`OriginClient::forward`] does to a request, in order:
