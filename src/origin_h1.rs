@@ -245,7 +245,9 @@ pub struct Scratch(Vec<At>);
 
 /// Parses a response head at the start of `buf` and removes it from `buf`. `Ok(None)`: more
 /// bytes are needed. Informational heads are returned too (and consumed); their headers are
-/// not.
+/// not. `Transfer-Encoding`, and a `Connection` that names no other header, are read for
+/// the framing and left out of the headers: they concern this hop only, and the proxy would
+/// remove them anyway.
 ///
 /// # Errors
 /// [`ExchangeError::Malformed`] for anything the module docs refuse.
@@ -322,12 +324,22 @@ pub fn parse_head(
                 }
                 chunked = true;
             }
-        } else if name == header::CONNECTION
-            && raw
-                .split(|&b| b == b',')
-                .any(|t| trim(t).eq_ignore_ascii_case(b"close"))
-        {
-            close = true;
+            // Hop-by-hop: the client's side is framed anew.
+            continue;
+        } else if name == header::CONNECTION {
+            let mut names_headers = false;
+            for token in raw.split(|&b| b == b',').map(trim) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    names_headers = true;
+                }
+            }
+            // Hop-by-hop. Kept only when it names other headers, which the proxy then
+            // removes with it (`proxy::strip_hop_by_hop`).
+            if !names_headers {
+                continue;
+            }
         }
         let value = HeaderValue::from_maybe_shared(head.slice(a.value.0..a.value.1))
             .map_err(|_| ExchangeError::Malformed("invalid header value"))?;
@@ -628,6 +640,16 @@ mod tests {
         assert_eq!(head.body.remaining(), Some(5));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"hello");
+    }
+
+    #[test]
+    fn hop_only_headers_are_left_out_unless_connection_names_others() {
+        let head = |text: &str| parse(text, false).unwrap().unwrap().headers;
+        let plain =
+            head("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(plain.get("connection").is_none() && plain.get("transfer-encoding").is_none());
+        let naming = head("HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\r\n");
+        assert_eq!(naming["connection"], "close, X-Hop");
     }
 
     #[test]
