@@ -83,22 +83,45 @@ pub enum ExchangeError {
     /// The response broke HTTP/1.1 or one of the rules in the module docs.
     #[error("malformed response from origin: {0}")]
     Malformed(&'static str),
+    /// The request target could not be written into a request line ([`encode`]); nothing
+    /// was sent.
+    #[error("request target not writable as origin-form")]
+    InvalidTarget,
 }
 
 /// Whether `req` may take the fast path: `GET` or `HEAD`, no body, no upgrade.
 pub fn eligible<B: http_body::Body>(req: &Request<B>) -> bool {
-    (req.method() == Method::GET || req.method() == Method::HEAD)
+    is_fast_method(req.method())
         && req.body().is_end_stream()
         && !req.headers().contains_key(header::UPGRADE)
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
 }
 
-/// Writes the head of `req` (origin-form target) into `out`, replacing what was there.
-pub fn encode<B>(req: &Request<B>, out: &mut Vec<u8>) {
+/// The methods of the fast path: `GET` and `HEAD`, which have no body and are idempotent.
+pub fn is_fast_method(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// Whether [`encode`] writes `target`: it starts with `/` and is printable ASCII without
+/// spaces.
+pub fn is_valid_target(target: &str) -> bool {
+    target.starts_with('/') && target.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Writes the head of `req` with the origin-form `target` into `out`, replacing what was
+/// there.
+///
+/// # Errors
+/// [`ExchangeError::InvalidTarget`] unless `target` starts with `/` and is printable ASCII
+/// without spaces: anything else could end the request line early (the proxy builds it from
+/// parts that are valid already; this is the last check before the bytes are written).
+pub fn encode<B>(req: &Request<B>, target: &str, out: &mut Vec<u8>) -> Result<(), ExchangeError> {
+    if !is_valid_target(target) {
+        return Err(ExchangeError::InvalidTarget);
+    }
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
@@ -108,6 +131,7 @@ pub fn encode<B>(req: &Request<B>, out: &mut Vec<u8>) {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 /// An open connection to the origin, between exchanges or in one.
@@ -601,11 +625,20 @@ mod tests {
             .body(())
             .unwrap();
         let mut out = b"old".to_vec();
-        encode(&req, &mut out);
+        encode(&req, "/a/b?c=d", &mut out).unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.clone()).unwrap(),
             "GET /a/b?c=d HTTP/1.1\r\nhost: origin\r\nx-two: 1\r\nx-two: 2\r\n\r\n"
         );
+        for bad in ["", "a/b", "/a b", "/a\r\nX: y", "/a\u{e9}", "/a\tb"] {
+            assert!(
+                matches!(
+                    encode(&req, bad, &mut out),
+                    Err(ExchangeError::InvalidTarget)
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -190,10 +190,28 @@ impl H1Pool {
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         let shard = &self.shards[shard % self.shards.len()];
         if origin_h1::eligible(&req) {
-            Either::Left(self.send_direct(shard, req))
+            Either::Left(self.send_direct(shard, req, None))
         } else {
             Either::Right(self.send_hyper(shard, req))
         }
+    }
+
+    /// Sends a bodiless `GET` or `HEAD` without an upgrade on the fast path, to `target`
+    /// (origin-form) instead of the request's own URI: the proxy builds the target as a
+    /// string and need not parse it into a URI. The caller has checked the request
+    /// ([`origin_h1::is_fast_method`], an empty body, no upgrade); `target` is checked by
+    /// [`origin_h1::encode`].
+    ///
+    /// # Errors
+    /// As [`H1Pool::send`].
+    pub fn send_to<'a>(
+        &'a self,
+        shard: usize,
+        req: Request<Body>,
+        target: &str,
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
+        let shard = &self.shards[shard % self.shards.len()];
+        self.send_direct(shard, req, Some(target))
     }
 
     /// The fast path: the request's head is written into an idle connection's buffer (or a
@@ -203,21 +221,28 @@ impl H1Pool {
         &'a self,
         shard: &'a Arc<Shard>,
         req: Request<Body>,
+        target: Option<&str>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
         let head_request = req.method() == Method::HEAD;
-        let start = match shard.take_direct() {
-            Some(mut conn) => {
-                origin_h1::encode(&req, &mut conn.wbuf);
-                Ok(conn)
-            }
+        let target =
+            target.unwrap_or_else(|| req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
+        let mut idle = shard.take_direct();
+        let mut fresh = Vec::new();
+        let wbuf = match idle.as_mut() {
+            Some(conn) => &mut conn.wbuf,
             None => {
-                let mut wbuf = Vec::with_capacity(512);
-                origin_h1::encode(&req, &mut wbuf);
-                Err(wbuf)
+                fresh.reserve(512);
+                &mut fresh
             }
+        };
+        let encoded = origin_h1::encode(&req, target, wbuf);
+        let start = match idle {
+            Some(conn) => Ok(conn),
+            None => Err(fresh),
         };
         drop(req);
         async move {
+            encoded.map_err(SendError::Direct)?;
             let (mut conn, reused) = match start {
                 Ok(conn) => (conn, true),
                 Err(wbuf) => (self.connect_direct(wbuf).await?, false),

@@ -42,6 +42,7 @@ use tracing::debug;
 
 use crate::body::{self, Body, BodyTooLarge, BoxError, Limited};
 use crate::config::{Config, HostHeader};
+use crate::origin_h1;
 use crate::origin_pool::{H1Pool, SendError};
 use crate::path::NormalizedPath;
 
@@ -159,25 +160,35 @@ impl OriginClient {
     /// Sends the finished upstream request (origin-form target for the plain pool, absolute for
     /// hyper-util's client) through the calling thread's pool. The request is handed over
     /// when this is called (see [`H1Pool::send`]); the future waits for the response.
-    fn send(
-        &self,
+    ///
+    /// `direct_target` is set when the request takes the plain pool's fast path
+    /// ([`H1Pool::send_to`]); the request's URI is then not used.
+    fn send<'a>(
+        &'a self,
         upstream: Request<Body>,
-    ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send + '_ {
+        direct_target: Option<&str>,
+    ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send + 'a {
         let thread = crate::server::serving_thread();
         match &self.plain {
-            Some(pool) => Either::Left(pool.send(thread, upstream).map(|sent| {
-                sent.map_err(|e| match e {
-                    SendError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        ProxyError::ConnectTimeout(Box::new(e))
-                    }
-                    SendError::Connect(e) => ProxyError::Unreachable(Box::new(e)),
-                    SendError::Http(e) => match find_source::<BodyTooLarge>(&e) {
-                        Some(too_large) => ProxyError::BodyTooLarge(*too_large),
-                        None => ProxyError::Origin(Box::new(e)),
-                    },
-                    SendError::Direct(e) => ProxyError::Origin(Box::new(e)),
-                })
-            })),
+            Some(pool) => Either::Left(
+                match direct_target {
+                    Some(target) => Either::Left(pool.send_to(thread, upstream, target)),
+                    None => Either::Right(pool.send(thread, upstream)),
+                }
+                .map(|sent| {
+                    sent.map_err(|e| match e {
+                        SendError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                            ProxyError::ConnectTimeout(Box::new(e))
+                        }
+                        SendError::Connect(e) => ProxyError::Unreachable(Box::new(e)),
+                        SendError::Http(e) => match find_source::<BodyTooLarge>(&e) {
+                            Some(too_large) => ProxyError::BodyTooLarge(*too_large),
+                            None => ProxyError::Origin(Box::new(e)),
+                        },
+                        SendError::Direct(e) => ProxyError::Origin(Box::new(e)),
+                    })
+                }),
+            ),
             None => {
                 let client = &self.clients[thread % self.clients.len()];
                 Either::Right(
@@ -318,10 +329,12 @@ impl OriginClient {
         let req = req.take().ok_or(ProxyError::NoRequest)?;
         let Prepared {
             upstream,
+            direct_target,
             upgrade,
             client_upgrade,
         } = self.prepare(req, path, ctx)?;
-        let resp = match tokio::time::timeout(self.response_timeout, self.send(upstream)).await {
+        let sent = self.send(upstream, direct_target.as_deref());
+        let resp = match tokio::time::timeout(self.response_timeout, sent).await {
             Err(_) => return Err(ProxyError::Timeout(self.response_timeout)),
             Ok(result) => result?,
         };
@@ -351,7 +364,8 @@ impl OriginClient {
                 }
             }
         }
-        let body = if http_body::Body::is_end_stream(&body) {
+        let bodiless = http_body::Body::is_end_stream(&body);
+        let body = if bodiless {
             body::empty()
         } else if limit > 0 {
             body::boxed(Limited::new(body, limit))
@@ -412,6 +426,25 @@ impl OriginClient {
             pq.push('?');
             pq.push_str(q);
         }
+        parts.version = Version::HTTP_11;
+        parts.extensions = http::Extensions::new();
+        if self.plain.is_some()
+            && bodiless
+            && upgrade.is_none()
+            && origin_h1::is_fast_method(&parts.method)
+            && origin_h1::is_valid_target(&pq)
+        {
+            // The plain pool's fast path writes the target string itself; the client's URI
+            // is not sent. (A target it would not write takes the path below, where parsing
+            // it fails as a 500.)
+            parts.uri = Uri::default();
+            return Ok(Prepared {
+                upstream: Request::from_parts(parts, body),
+                direct_target: Some(pq),
+                upgrade: None,
+                client_upgrade: None,
+            });
+        }
         let uri = if self.plain.is_some() {
             // hyper's connection writes the target as given: origin-form for an origin.
             Uri::from(PathAndQuery::try_from(pq).map_err(http::Error::from)?)
@@ -426,10 +459,9 @@ impl OriginClient {
         // The client's request, changed in place: its method and headers, the new target, and
         // nothing else (hyper's extensions, the client's HTTP version) carried over.
         parts.uri = uri;
-        parts.version = Version::HTTP_11;
-        parts.extensions = http::Extensions::new();
         Ok(Prepared {
             upstream: Request::from_parts(parts, body),
+            direct_target: None,
             upgrade,
             client_upgrade,
         })
@@ -483,6 +515,9 @@ impl OriginClient {
 /// A rewritten request, ready to send.
 struct Prepared {
     upstream: Request<Body>,
+    /// The origin-form target, for a request that takes the plain pool's fast path (its
+    /// `upstream` URI is then unused).
+    direct_target: Option<String>,
     /// The `Upgrade` header the client sent with `Connection: upgrade`, if any.
     upgrade: Option<HeaderValue>,
     /// The client side of that upgrade.

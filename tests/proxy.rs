@@ -734,3 +734,28 @@ async fn the_pipeline_runs_without_a_socket() {
     })
     .await;
 }
+
+/// Both ways to the origin (the fast path for bodiless `GET`/`HEAD`, hyper's client for the
+/// rest) send the same target: the origin URL's path, the normalised path and the raw query.
+#[tokio::test]
+async fn every_method_reaches_the_origin_path_with_the_same_target() {
+    bounded(async {
+        let origin = TestOrigin::echo().await;
+        let url = format!("{}/site", origin.url());
+        let gw = start_gateway(&ConfigBuilder::new(&url).build()).await;
+        for method in ["GET", "HEAD", "POST", "DELETE"] {
+            let req = request(method, gw.addr, "/free/./a//b?q=1&r=%20x")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let r = send(&client(), req).await;
+            assert_eq!(r.status, StatusCode::OK, "{method}");
+        }
+        let seen = origin.requests();
+        assert_eq!(seen.len(), 4);
+        for r in &seen {
+            assert_eq!(r.target, "/site/free/a/b?q=1&r=%20x", "{}", r.method);
+        }
+        gw.shutdown().await.unwrap();
+    })
+    .await;
+}
