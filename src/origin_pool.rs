@@ -73,15 +73,22 @@ enum Start<F> {
     Fresh(Box<Request<Body>>),
 }
 
-struct Idle {
-    sender: http1::SendRequest<Body>,
+/// An idle connection and when it went idle.
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-/// An idle connection of the fast path.
-struct DirectIdle {
-    conn: Conn,
-    since: Instant,
+/// Adds `conn` to an idle list of at most `max_idle`, dropping the oldest to make room.
+fn park<C>(list: &Mutex<Vec<Idle<C>>>, max_idle: usize, conn: C) {
+    let mut idle = list.lock().unwrap_or_else(PoisonError::into_inner);
+    if idle.len() >= max_idle {
+        idle.remove(0);
+    }
+    idle.push(Idle {
+        conn,
+        since: Instant::now(),
+    });
 }
 
 /// The per-thread pools for one origin.
@@ -97,26 +104,18 @@ pub struct H1Pool {
 #[repr(align(128))]
 struct Shard {
     /// hyper's connections, for requests with a body or an upgrade and other methods.
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Vec<Idle<http1::SendRequest<Body>>>>,
     /// Connections of the fast path: bodiless `GET` and `HEAD` ([`crate::origin_h1`]).
-    direct: Mutex<Vec<DirectIdle>>,
+    direct: Mutex<Vec<Idle<Conn>>>,
     max_idle: usize,
 }
 
 impl Shard {
     /// Pools a fast-path connection whose last response ended cleanly.
     fn put_direct(&self, mut conn: Conn) {
-        if self.max_idle == 0 || !conn.reset() {
-            return;
+        if self.max_idle > 0 && conn.reset() {
+            park(&self.direct, self.max_idle, conn);
         }
-        let mut idle = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= self.max_idle {
-            idle.remove(0);
-        }
-        idle.push(DirectIdle {
-            conn,
-            since: Instant::now(),
-        });
     }
 
     /// The most recently used idle fast-path connection that nothing arrived on since its
@@ -132,17 +131,9 @@ impl Shard {
     }
 
     fn put(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() || self.max_idle == 0 {
-            return;
+        if self.max_idle > 0 && !sender.is_closed() {
+            park(&self.idle, self.max_idle, sender);
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= self.max_idle {
-            idle.remove(0);
-        }
-        idle.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
     }
 }
 
@@ -463,11 +454,11 @@ fn take_idle(shard: &Shard) -> Option<http1::SendRequest<Body>> {
     while i > 0 {
         i -= 1;
         let entry = &idle[i];
-        if entry.sender.is_closed() || entry.since.elapsed() > IDLE_TIMEOUT {
+        if entry.conn.is_closed() || entry.since.elapsed() > IDLE_TIMEOUT {
             // The entry moved into `i` comes from the end, already looked at.
             idle.swap_remove(i);
-        } else if entry.sender.is_ready() {
-            return Some(idle.swap_remove(i).sender);
+        } else if entry.conn.is_ready() {
+            return Some(idle.swap_remove(i).conn);
         }
     }
     None

@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use taler_paywall::body;
 use taler_paywall::origin_pool::{H1Pool, SendError};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use support::{bounded, closed_port};
 
@@ -35,7 +35,13 @@ impl Drop for Origin {
 }
 
 impl Origin {
-    async fn start(idle_close: Duration) -> Origin {
+    /// Accepts connections on 127.0.0.1, counts them, and runs `serve` on each in a task of
+    /// its own.
+    async fn listen<F, Fut>(serve: F) -> Origin
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -46,24 +52,7 @@ impl Origin {
                     continue;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = service_fn(|req: Request<Incoming>| async move {
-                        let body = match req.uri().path() {
-                            "/big" => Bytes::from(vec![b'x'; 4 << 20]),
-                            "/slow" => {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                Bytes::from_static(b"slow")
-                            }
-                            _ => Bytes::from_static(b"small"),
-                        };
-                        Ok::<_, Infallible>(Response::new(Full::new(body)))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(idle_close)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                tokio::spawn(serve(stream));
             }
         });
         Origin {
@@ -71,6 +60,28 @@ impl Origin {
             accepted,
             task,
         }
+    }
+
+    async fn start(idle_close: Duration) -> Origin {
+        Origin::listen(move |stream| async move {
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let body = match req.uri().path() {
+                    "/big" => Bytes::from(vec![b'x'; 4 << 20]),
+                    "/slow" => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Bytes::from_static(b"slow")
+                    }
+                    _ => Bytes::from_static(b"small"),
+                };
+                Ok::<_, Infallible>(Response::new(Full::new(body)))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(idle_close)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await
     }
 
     fn pool(&self, max_idle: usize) -> Arc<H1Pool> {
@@ -229,90 +240,47 @@ enum Then {
     Unsolicited(&'static str),
 }
 
+type Script = fn(&str, bool) -> (Option<Vec<u8>>, Then);
+
 /// An origin that answers each request head with raw bytes chosen by target, and by whether
 /// it is the first request on its connection. An answer of `None` closes the connection
 /// without a word.
-struct Scripted {
-    addr: std::net::SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-type Script = fn(&str, bool) -> (Option<Vec<u8>>, Then);
-
-impl Scripted {
-    async fn start(script: Script) -> Scripted {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut pending = Vec::new();
-                    let mut first = true;
-                    loop {
-                        let end = loop {
-                            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut buf = [0u8; 4096];
-                            match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
-                        pending.drain(..end);
-                        let target = head.split(' ').nth(1).unwrap_or("").to_owned();
-                        let (answer, then) = script(&target, first);
-                        first = false;
-                        let Some(bytes) = answer else { return };
-                        if stream.write_all(&bytes).await.is_err() {
-                            return;
-                        }
-                        match then {
-                            Then::Keep => {}
-                            Then::Close => return,
-                            Then::Unsolicited(extra) => {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                                let _ = stream.write_all(extra.as_bytes()).await;
-                            }
-                        }
-                    }
-                });
+async fn scripted(script: Script) -> Origin {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    Origin::listen(move |mut stream| async move {
+        let mut pending = Vec::new();
+        let mut first = true;
+        loop {
+            let end = loop {
+                if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut buf = [0u8; 4096];
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..end);
+            let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let (answer, then) = script(&target, first);
+            first = false;
+            let Some(bytes) = answer else { return };
+            if stream.write_all(&bytes).await.is_err() {
+                return;
             }
-        });
-        Scripted {
-            addr,
-            accepted,
-            task,
+            match then {
+                Then::Keep => {}
+                Then::Close => return,
+                Then::Unsolicited(extra) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = stream.write_all(extra.as_bytes()).await;
+                }
+            }
         }
-    }
-
-    fn pool(&self) -> Arc<H1Pool> {
-        Arc::new(H1Pool::new(
-            self.addr.to_string(),
-            Duration::from_secs(2),
-            8,
-            1,
-        ))
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
+    })
+    .await
 }
 
 fn answer(text: &str, then: Then) -> (Option<Vec<u8>>, Then) {
@@ -385,8 +353,8 @@ async fn fetch_result(pool: &Arc<H1Pool>, req: Request<body::Body>) -> Result<By
 #[tokio::test]
 async fn the_fast_path_reuses_only_connections_that_ended_cleanly() {
     bounded(async {
-        let origin = Scripted::start(framing_script).await;
-        let pool = origin.pool();
+        let origin = scripted(framing_script).await;
+        let pool = origin.pool(8);
         let mut expect_connections = 1;
         for (target, body, reused) in [
             ("/a", "/a", true),
@@ -450,8 +418,8 @@ async fn the_fast_path_reuses_only_connections_that_ended_cleanly() {
 #[tokio::test]
 async fn bytes_arriving_on_an_idle_connection_close_it() {
     bounded(async {
-        let origin = Scripted::start(framing_script).await;
-        let pool = origin.pool();
+        let origin = scripted(framing_script).await;
+        let pool = origin.pool(8);
         assert_eq!(
             fetch_result(&pool, get("/idle-noise")).await.as_deref(),
             Ok(&b"noise"[..])
@@ -471,8 +439,8 @@ async fn bytes_arriving_on_an_idle_connection_close_it() {
 #[tokio::test]
 async fn the_fast_path_refuses_unrequested_switches_and_ambiguous_framing() {
     bounded(async {
-        let origin = Scripted::start(framing_script).await;
-        let pool = origin.pool();
+        let origin = scripted(framing_script).await;
+        let pool = origin.pool(8);
         for target in ["/switch", "/te-and-cl"] {
             let err = fetch_result(&pool, get(target)).await.unwrap_err();
             assert!(err.contains("Malformed"), "{target}: {err}");
@@ -502,8 +470,8 @@ fn hangup_script(target: &str, first: bool) -> (Option<Vec<u8>>, Then) {
 #[tokio::test]
 async fn an_unanswered_request_on_a_reused_connection_is_sent_once_more() {
     bounded(async {
-        let origin = Scripted::start(hangup_script).await;
-        let pool = origin.pool();
+        let origin = scripted(hangup_script).await;
+        let pool = origin.pool(8);
         assert_eq!(
             fetch_result(&pool, get("/i")).await.as_deref(),
             Ok(&b"/i"[..])
