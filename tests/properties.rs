@@ -1,5 +1,6 @@
-//! Property tests of the gateway's three parsers: the path normaliser and matcher, the signed
-//! cookies, and the merchant's order-status answers. The path and merchant oracles live in
+//! Property tests of the gateway's parsers: the path normaliser and matcher, the signed
+//! cookies, the merchant's order-status answers, and the origin responses of the fast path
+//! (`src/origin_h1.rs`). The path and merchant oracles live in
 //! `fuzz/oracle.rs` and are shared with the coverage-guided fuzz targets (`scripts/fuzz`).
 //!
 //! Case counts are modest so the file runs in well under 30 s in a debug build;
@@ -736,5 +737,149 @@ fn decode_status_accepts_a_plain_paid_answer() {
     match taler_paywall::merchant::decode_status(body) {
         Ok(taler_paywall::payment::OrderStatus::Paid { refunded, .. }) => assert!(refunded),
         other => panic!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Origin responses on the fast path (`src/origin_h1.rs`)
+// ---------------------------------------------------------------------------------------------
+
+mod origin_responses {
+    use super::config;
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+    use taler_paywall::origin_h1::{parse_head, Scratch, Step};
+
+    /// Feeds `wire` to the head parser and then the body decoder, `step` bytes at a time
+    /// (cycling through the sizes); returns the body, whether its end was seen, and what was
+    /// left unread. `None` if the head was refused or a decoding error came up.
+    fn read(wire: &[u8], steps: &[usize]) -> Option<(Vec<u8>, bool, Vec<u8>)> {
+        let mut buf = BytesMut::new();
+        let mut fed = 0;
+        let mut steps = steps.iter().cycle();
+        let mut feed = |buf: &mut BytesMut| -> bool {
+            if fed == wire.len() {
+                return false;
+            }
+            let end = (fed + steps.next().copied().unwrap_or(1).max(1)).min(wire.len());
+            buf.extend_from_slice(&wire[fed..end]);
+            fed = end;
+            true
+        };
+        let mut scratch = Scratch::default();
+        let mut head = loop {
+            match parse_head(&mut buf, false, &mut scratch) {
+                Ok(Some(head)) if head.status.is_informational() => continue,
+                Ok(Some(head)) => break head,
+                Ok(None) => {
+                    if !feed(&mut buf) {
+                        return None;
+                    }
+                }
+                Err(_) => return None,
+            }
+        };
+        let mut body = Vec::new();
+        loop {
+            match head.body.decode(&mut buf) {
+                Ok(Step::Data(d)) => body.extend_from_slice(&d),
+                Ok(Step::End) => break,
+                Ok(Step::NeedMore) => {
+                    if !feed(&mut buf) {
+                        let mut rest = buf.to_vec();
+                        rest.extend_from_slice(&wire[fed..]);
+                        return Some((body, false, rest));
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        let mut rest = buf.to_vec();
+        rest.extend_from_slice(&wire[fed..]);
+        Some((body, true, rest))
+    }
+
+    /// A body chunked at the given sizes (0 ends the list early), with a chunk extension on
+    /// every other chunk and optional trailers.
+    fn chunked(body: &[u8], sizes: &[usize], trailers: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut sizes = sizes.iter().cycle();
+        let mut i = 0;
+        while at < body.len() {
+            let n = sizes.next().copied().unwrap_or(1).clamp(1, body.len() - at);
+            out.extend_from_slice(format!("{n:x}").as_bytes());
+            if i % 2 == 1 {
+                out.extend_from_slice(b";ext=v");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&body[at..at + n]);
+            out.extend_from_slice(b"\r\n");
+            at += n;
+            i += 1;
+        }
+        out.extend_from_slice(b"0\r\n");
+        if trailers {
+            out.extend_from_slice(b"X-Trailer: t\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// A response framed by length or by chunks, with or without a `103` before it and
+        /// with the next response's bytes after it, read in pieces of any sizes: the body comes
+        /// out whole, its end is seen, and exactly the bytes after it are left unread (the
+        /// pool would then close the connection instead of reusing it).
+        #[test]
+        fn framed_bodies_come_out_whole_at_any_split(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            sizes in proptest::collection::vec(1usize..700, 1..8),
+            steps in proptest::collection::vec(1usize..1500, 1..8),
+            use_chunks in any::<bool>(),
+            trailers in any::<bool>(),
+            hints in any::<bool>(),
+            after in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut wire = Vec::new();
+            if hints {
+                wire.extend_from_slice(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
+            }
+            if use_chunks {
+                wire.extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                wire.extend(chunked(&body, &sizes, trailers));
+            } else {
+                wire.extend_from_slice(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                );
+                wire.extend_from_slice(&body);
+            }
+            wire.extend_from_slice(&after);
+            let (got, ended, rest) = read(&wire, &steps).expect("a well-formed response is read");
+            prop_assert!(ended);
+            prop_assert_eq!(got, body);
+            prop_assert_eq!(rest, after);
+        }
+
+        /// Any bytes from the origin: no panic, and never more body than bytes received.
+        #[test]
+        fn arbitrary_origin_bytes_never_panic(
+            prefix in proptest::sample::select(vec![
+                &b""[..],
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                b"HTTP/1.0 200 OK\r\n\r\n",
+            ]),
+            noise in proptest::collection::vec(any::<u8>(), 0..600),
+            steps in proptest::collection::vec(1usize..200, 1..4),
+        ) {
+            let mut wire = prefix.to_vec();
+            wire.extend_from_slice(&noise);
+            if let Some((body, _, _)) = read(&wire, &steps) {
+                prop_assert!(body.len() <= noise.len());
+            }
+        }
     }
 }
