@@ -92,12 +92,19 @@ pub enum ExchangeError {
     InvalidTarget,
 }
 
-/// Whether `req` may take the fast path: `GET` or `HEAD`, no body, no upgrade.
+/// Whether `req` may take the fast path: `GET` or `HEAD`, no body, no upgrade, and a target
+/// [`encode`] writes (anything else goes through hyper's client, as before the fast path).
 pub fn eligible<B: http_body::Body>(req: &Request<B>) -> bool {
     is_fast_method(req.method())
         && req.body().is_end_stream()
         && !req.headers().contains_key(header::UPGRADE)
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
+        && is_valid_target(origin_form(req))
+}
+
+/// The origin-form target of `req`'s URI (`/` if it has no path).
+pub fn origin_form<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("/", |pq| pq.as_str())
 }
 
 /// The methods of the fast path: `GET` and `HEAD`, which have no body and are idempotent.
@@ -657,8 +664,13 @@ mod tests {
             .header("upgrade", "websocket")
             .body(empty())
             .unwrap();
+        let raw_query = Request::get("/q?name=caf\u{e9}").body(empty()).unwrap();
         assert!(eligible(&get) && eligible(&head));
         assert!(!eligible(&post) && !eligible(&with_body) && !eligible(&upgrade));
+        assert!(
+            !eligible(&raw_query),
+            "a target encode refuses goes through hyper"
+        );
     }
 
     #[test]

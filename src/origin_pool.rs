@@ -215,8 +215,7 @@ impl H1Pool {
         target: Option<&str>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
         let head_request = req.method() == Method::HEAD;
-        let target =
-            target.unwrap_or_else(|| req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
+        let target = target.unwrap_or_else(|| origin_h1::origin_form(&req));
         let mut idle = shard.take_direct();
         let mut fresh = Vec::new();
         let wbuf = match idle.as_mut() {

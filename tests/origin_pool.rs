@@ -486,3 +486,16 @@ async fn an_unanswered_request_on_a_reused_connection_is_sent_once_more() {
     })
     .await;
 }
+
+/// A bodiless `GET` whose target the fast path does not write (raw non-ASCII in the query,
+/// which the `http` crate accepts) still reaches the origin, through hyper's client.
+#[tokio::test]
+async fn a_target_the_fast_path_refuses_goes_through_hyper() {
+    bounded(async {
+        let origin = scripted(framing_script).await;
+        let pool = origin.pool(8);
+        let got = fetch_result(&pool, get("/q?name=caf\u{e9}")).await;
+        assert_eq!(got.as_deref(), Ok("/q?name=caf\u{e9}".as_bytes()));
+    })
+    .await;
+}
