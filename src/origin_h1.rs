@@ -95,21 +95,28 @@ pub enum ExchangeError {
 /// Whether `req` may take the fast path: `GET` or `HEAD`, no body, no upgrade, and a target
 /// [`encode`] writes (anything else goes through hyper's client, as before the fast path).
 pub fn eligible<B: http_body::Body>(req: &Request<B>) -> bool {
-    is_fast_method(req.method())
-        && req.body().is_end_stream()
-        && !req.headers().contains_key(header::UPGRADE)
-        && !req.headers().contains_key(header::TRANSFER_ENCODING)
-        && is_valid_target(origin_form(req))
+    takes_fast_path(
+        req.method(),
+        req.body().is_end_stream(),
+        req.headers().contains_key(header::UPGRADE)
+            || req.headers().contains_key(header::TRANSFER_ENCODING),
+        origin_form(req),
+    )
+}
+
+/// The one rule of [`eligible`], for a caller that knows the parts without a request to
+/// look them up in ([`crate::proxy`]): `GET` or `HEAD`, no body, no upgrade (nor transfer
+/// coding), and a `target` that [`encode`] writes.
+pub fn takes_fast_path(method: &Method, bodiless: bool, upgrade: bool, target: &str) -> bool {
+    (method == Method::GET || method == Method::HEAD)
+        && bodiless
+        && !upgrade
+        && is_valid_target(target)
 }
 
 /// The origin-form target of `req`'s URI (`/` if it has no path).
 pub fn origin_form<B>(req: &Request<B>) -> &str {
     req.uri().path_and_query().map_or("/", |pq| pq.as_str())
-}
-
-/// The methods of the fast path: `GET` and `HEAD`, which have no body and are idempotent.
-pub fn is_fast_method(method: &Method) -> bool {
-    method == Method::GET || method == Method::HEAD
 }
 
 /// Whether [`encode`] writes `target`: it starts with `/` and is printable ASCII without
@@ -255,7 +262,7 @@ fn reserve(buf: &mut BytesMut, size: usize) {
 /// A final response head, and how its body is framed.
 #[derive(Debug)]
 pub struct Head {
-    /// The status (never `1xx`).
+    /// The status (`1xx` only from [`parse_head`], never from [`Conn::exchange`]).
     pub status: StatusCode,
     /// The headers as the origin sent them (values share the read buffer's memory).
     pub headers: HeaderMap,

@@ -189,9 +189,9 @@ impl H1Pool {
 
     /// Sends a bodiless `GET` or `HEAD` without an upgrade on the fast path, to `target`
     /// (origin-form) instead of the request's own URI: the proxy builds the target as a
-    /// string and need not parse it into a URI. The caller has checked the request
-    /// ([`origin_h1::is_fast_method`], an empty body, no upgrade); `target` is checked by
-    /// [`origin_h1::encode`].
+    /// string and need not parse it into a URI. The caller has checked the request with
+    /// [`origin_h1::takes_fast_path`]; [`origin_h1::encode`] checks `target` once more before
+    /// writing it.
     ///
     /// # Errors
     /// As [`H1Pool::send`].

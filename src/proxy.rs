@@ -429,10 +429,7 @@ impl OriginClient {
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         if self.plain.is_some()
-            && bodiless
-            && upgrade.is_none()
-            && origin_h1::is_fast_method(&parts.method)
-            && origin_h1::is_valid_target(&pq)
+            && origin_h1::takes_fast_path(&parts.method, bodiless, upgrade.is_some(), &pq)
         {
             // The plain pool's fast path writes the target string itself; the client's URI
             // is not sent. (A target it would not write takes the path below, where parsing
