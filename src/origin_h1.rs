@@ -10,11 +10,12 @@
 //!
 //! What is written: `METHOD target HTTP/1.1`, the headers as [`crate::proxy`] prepared them,
 //! and an empty line. Nothing else: no body, no `Transfer-Encoding`, and a request is only
-//! sent this way when it has no body, no upgrade and one of the two methods ([`eligible`]).
-//! The origin therefore cannot disagree with the gateway about where the request ends. The
-//! target must start with `/` and be printable ASCII without spaces ([`is_valid_target`]),
-//! so it cannot end the request line early; header names and values cannot hold line
-//! breaks (the `http` crate refuses them).
+//! sent this way when it has no body, no upgrade and one of the two methods
+//! ([`takes_fast_path`]). The origin therefore cannot disagree with the gateway about where
+//! the request ends. The target must start with `/` and be printable ASCII without spaces
+//! ([`is_valid_target`]), so it cannot end the request line early; a request whose target is
+//! not goes through hyper's client instead. Header names and values cannot hold line breaks
+//! (the `http` crate refuses them).
 //!
 //! What is read, strictly, with [`httparse`] (the parser hyper itself uses):
 //! - the status line and at most [`MAX_HEADERS`] headers in at most [`MAX_HEAD`] bytes;
