@@ -553,6 +553,10 @@ impl<H: Handler> Conn<H> {
         }
         // Set once an idle connection was asked to close; it is dropped if that takes longer.
         let mut drop_at: Option<Instant> = None;
+        // The watchdog's timer and the stop signal wake the task through this waker, so
+        // that the many wake-ups of the exchange itself poll only the connection.
+        let watchdog = Arc::new(WatchdogWake::default());
+        let watchdog_waker = std::task::Waker::from(watchdog.clone());
         loop {
             let wake = match activity.verdict(&self.opts) {
                 Verdict::Fine(at) => at,
@@ -576,8 +580,33 @@ impl<H: Handler> Conn<H> {
                 }
             };
             let wake = drop_at.map_or(wake, |at| wake.min(at));
-            tokio::select! {
-                res = conn.as_mut() => {
+            let event = {
+                let mut sleep = std::pin::pin!(tokio::time::sleep_until(wake));
+                let mut stop = (!stop_seen).then(|| Box::pin(self.stop.changed()));
+                // New futures: poll them once, so that they know the waker.
+                watchdog.due.store(true, Ordering::Release);
+                std::future::poll_fn(|cx| {
+                    watchdog.task.register(cx.waker());
+                    if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Ended(res));
+                    }
+                    if watchdog.due.swap(false, Ordering::AcqRel) {
+                        let mut own = Context::from_waker(&watchdog_waker);
+                        if let Some(stop) = stop.as_mut() {
+                            if let Poll::Ready(changed) = stop.as_mut().poll(&mut own) {
+                                return Poll::Ready(Event::Stop(changed.is_err()));
+                            }
+                        }
+                        if sleep.as_mut().poll(&mut own).is_ready() {
+                            return Poll::Ready(Event::Timer);
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await
+            };
+            match event {
+                Event::Ended(res) => {
                     if let Err(e) = res {
                         debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -587,13 +616,13 @@ impl<H: Handler> Conn<H> {
                     }
                     return;
                 }
-                changed = self.stop.changed(), if !stop_seen => {
+                Event::Stop(server_gone) => {
                     stop_seen = true;
-                    if changed.is_err() || *self.stop.borrow() {
+                    if server_gone || *self.stop.borrow() {
                         conn.as_mut().graceful_shutdown();
                     }
                 }
-                () = tokio::time::sleep_until(wake) => {
+                Event::Timer => {
                     if drop_at.is_some_and(|at| Instant::now() >= at) {
                         debug!(%peer, "idle connection did not close in time; dropping");
                         return;
@@ -601,6 +630,38 @@ impl<H: Handler> Conn<H> {
                 }
             }
         }
+    }
+}
+
+/// What ended one turn of a connection's watchdog loop.
+enum Event<E> {
+    /// The connection is done (closed, failed, or handed to a tunnel).
+    Ended(Result<(), E>),
+    /// The stop signal changed; `true` if the server is gone.
+    Stop(bool),
+    /// The watchdog's deadline passed.
+    Timer,
+}
+
+/// The waker the watchdog's timer and the stop signal see: it notes that they are due to be
+/// polled and wakes the connection's task. A connection's task wakes a few times for each
+/// exchange (client readable, origin readable, ...); polling the timer and the stop signal
+/// on each of those cost about 3 % of a proxied request (`docs/benchmarks.md`, "Twelfth
+/// session"), so they are polled only when they woke the task themselves.
+#[derive(Default)]
+struct WatchdogWake {
+    due: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WatchdogWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.due.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
