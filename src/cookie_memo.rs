@@ -82,6 +82,17 @@ impl CookieMemo {
     /// The session and order cookie a full check found in byte-identical cookies for
     /// `resource`, if this thread remembers them. Their time limits are the caller's to check.
     pub fn get(&self, headers: &HeaderMap, resource: &str) -> Option<(Session, OrderCookie)> {
+        self.with(headers, resource, |s, o| (s.clone(), o.clone()))
+    }
+
+    /// [`CookieMemo::get`] without copying: `f` sees the remembered session and order
+    /// cookie in place (it must not use this memo itself: the table is borrowed meanwhile).
+    pub fn with<R>(
+        &self,
+        headers: &HeaderMap,
+        resource: &str,
+        f: impl FnOnce(&Session, &OrderCookie) -> R,
+    ) -> Option<R> {
         let cookie = single_cookie(headers)?;
         let slot = self.slot(cookie, resource);
         // `try_with`: a thread being torn down has no table, which is a miss, not a panic.
@@ -94,7 +105,7 @@ impl CookieMemo {
                 let e = t.slots.get(slot)?.as_ref()?;
                 (same_bytes(&e.cookie, cookie)
                     && same_bytes(e.resource.as_bytes(), resource.as_bytes()))
-                .then(|| (e.session.clone(), e.order.clone()))
+                .then(|| f(&e.session, &e.order))
             })
             .ok()
             .flatten()

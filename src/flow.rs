@@ -271,19 +271,22 @@ impl PaymentGate {
         let resource = route.resource(path);
         // The fastest path: these very cookies were verified for this resource on this
         // thread before; only what depends on the time is checked again.
-        if let Some((session, granted)) = self.memo.get(headers, &resource) {
-            if session.is_current(&self.cookies, now) && self.is_fresh(&granted, now) {
+        let remembered = self.memo.with(headers, resource, |session, granted| {
+            (session.is_current(&self.cookies, now) && self.is_fresh(granted, now)).then(|| {
                 self.metrics.grant_hit(GrantSource::Cookie);
-                return self.serve(
+                self.serve(
                     route,
                     path,
                     &session.id,
-                    &resource,
+                    resource,
                     Jar::Unparsed(headers),
-                    Some(granted.order_id),
+                    Some(granted.order_id.clone()),
                     Vec::new(),
-                );
-            }
+                )
+            })
+        });
+        if let Some(Some(outcome)) = remembered {
+            return outcome;
         }
         let jar = RequestCookies::parse(headers);
         let mut set_cookies = Vec::new();
@@ -315,26 +318,26 @@ impl PaymentGate {
         // The fast path: a grant younger than `recheck_interval`, in the signed cookie or in
         // this process's memory, is served without a merchant call, so it needs no turn (the
         // turn exists only to share merchant calls) and, for the cookie, no shared state.
-        let from_cookie = jar.order(&self.keys, &session.id, &resource);
+        let from_cookie = jar.order(&self.keys, &session.id, resource);
         if let Some(granted) = from_cookie.as_ref().filter(|o| self.is_fresh(o, now)) {
             self.metrics.grant_hit(GrantSource::Cookie);
-            if set_cookies.is_empty() && jar.is_unambiguous(&self.cookies, &resource) {
+            if set_cookies.is_empty() && jar.is_unambiguous(&self.cookies, resource) {
                 // The session came from these cookies too: remember both for them.
-                self.memo.put(headers, &resource, &session, granted);
+                self.memo.put(headers, resource, &session, granted);
             }
             let order_id = Some(granted.order_id.clone());
             return self.serve(
                 route,
                 path,
                 &session.id,
-                &resource,
+                resource,
                 Jar::Parsed(&jar),
                 order_id,
                 set_cookies,
             );
         }
         if let Some(granted) = self
-            .recall(&session.id, &resource)
+            .recall(&session.id, resource)
             .filter(|o| self.is_fresh(o, now))
         {
             self.metrics.grant_hit(GrantSource::Memory);
@@ -343,7 +346,7 @@ impl PaymentGate {
                 route,
                 path,
                 &session.id,
-                &resource,
+                resource,
                 Jar::Parsed(&jar),
                 order_id,
                 set_cookies,
@@ -375,20 +378,20 @@ impl PaymentGate {
         route: &ProtectedRoute,
         path: &NormalizedPath,
         session: Session,
-        resource: String,
+        resource: &str,
         jar: &RequestCookies<'_>,
         from_cookie: Option<OrderCookie>,
         client: IpAddr,
         now: u64,
         set_cookies: Vec<HeaderValue>,
     ) -> Outcome {
-        let key = (session.id.clone(), resource.clone());
+        let key = (session.id.clone(), resource.to_owned());
         // One request per (session, resource) at a time: the others wait and then find the
         // first one's order and grant in memory.
         let turn = self.turn(&key);
         let _guard = turn.lock().await;
         // Read memory again inside the turn: the request before us may have just filled it.
-        let remembered = self.recall(&session.id, &resource);
+        let remembered = self.recall(&session.id, resource);
         // Prefer whichever knows more: a fresh grant anywhere wins; otherwise the cookie.
         let known = pick(from_cookie, remembered, now, self.recheck);
         let outcome = self
@@ -397,7 +400,7 @@ impl PaymentGate {
                 route,
                 path,
                 &session,
-                &resource,
+                resource,
                 jar,
                 known,
                 client,

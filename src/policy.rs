@@ -26,6 +26,8 @@ pub struct ProtectedRoute {
     pub summary: String,
     /// Page or prefix scope.
     pub scope: Scope,
+    /// What a `prefix`-scope route sells: the prefix with a trailing slash, made once here.
+    prefix_resource: String,
 }
 
 impl ProtectedRoute {
@@ -39,16 +41,10 @@ impl ProtectedRoute {
 
     /// The resource a request under this route buys: the path itself for `page` scope,
     /// the prefix (with a trailing slash) for `prefix` scope.
-    pub fn resource(&self, path: &NormalizedPath) -> String {
+    pub fn resource<'a>(&'a self, path: &'a NormalizedPath) -> &'a str {
         match self.scope {
-            Scope::Page => path.as_str().to_owned(),
-            Scope::Prefix => {
-                if self.prefix == "/" {
-                    "/".to_owned()
-                } else {
-                    format!("{}/", self.prefix)
-                }
-            }
+            Scope::Page => path.as_str(),
+            Scope::Prefix => &self.prefix_resource,
         }
     }
 }
@@ -87,6 +83,11 @@ impl Policy {
                 price: r.price.clone(),
                 summary: r.summary.clone(),
                 scope: r.scope,
+                prefix_resource: if r.prefix == "/" {
+                    "/".to_owned()
+                } else {
+                    format!("{}/", r.prefix)
+                },
             })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.segments.len()));
