@@ -157,7 +157,7 @@ impl RequestContext<'_> {
     pub fn forward_context(&self) -> ForwardContext<'_> {
         ForwardContext {
             // `::ffff:1.2.3.4` (a dual-stack listener) is forwarded as `1.2.3.4`.
-            peer: &self.conn.peer_ip_text,
+            peer: &self.conn.peer_ip_header,
             peer_trusted: self.peer_trusted,
             tls: self.conn.tls,
             request_id: &self.request_id,
@@ -588,8 +588,8 @@ impl Gateway {
 /// Origin responses on protected paths must never be stored by shared caches: `public` and
 /// `s-maxage` are dropped and `private` added (unless the origin already said `no-store`).
 fn make_private(headers: &mut http::HeaderMap) {
-    if !headers.contains_key(header::CACHE_CONTROL) {
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    if let http::header::Entry::Vacant(none) = headers.entry(header::CACHE_CONTROL) {
+        none.insert(HeaderValue::from_static("private"));
         return;
     }
     let mut directives: Vec<String> = Vec::new();
@@ -685,7 +685,32 @@ pub fn assign_request_id(headers: &http::HeaderMap, peer_trusted: bool) -> Heade
         *d = DIGITS[((id >> shift) & 0xf) as usize];
     }
     // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    HeaderValue::from_maybe_shared(id_bytes(&hex)).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+thread_local! {
+    /// Where this thread writes its request ids: a chunk that each id is split off.
+    static ID_CHUNK: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// `hex` as shared bytes. A request's id is cloned into the origin request (and kept for the
+/// log), and the clone of a header value made by copying allocates once more to share it;
+/// ids split off a per-thread chunk of 64 are shared from the start, so an id costs neither
+/// allocation. A chunk is freed when the last request whose id it holds is done.
+fn id_bytes(hex: &[u8; 32]) -> Bytes {
+    ID_CHUNK
+        .try_with(|chunk| {
+            let mut chunk = chunk.try_borrow_mut().ok()?;
+            if chunk.capacity() < hex.len() {
+                *chunk = bytes::BytesMut::with_capacity(64 * hex.len());
+            }
+            chunk.extend_from_slice(hex);
+            Some(chunk.split().freeze())
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Bytes::copy_from_slice(hex))
 }
 
 /// Step 2: refuses what hyper accepts but the gateway must not pass on.
@@ -724,9 +749,7 @@ pub fn reject_unacceptable<B>(req: &Request<B>) -> Result<(), GatewayError> {
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(GatewayError::BadRequest("More than one Host header.")),
         (Some(host), None) => {
-            let ok = !host.as_bytes().contains(&b'@')
-                && http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| port_is_valid(&a));
-            if !ok {
+            if !host_is_valid(host.as_bytes()) {
                 return Err(GatewayError::BadRequest("Invalid Host header."));
             }
         }
@@ -739,6 +762,38 @@ pub fn reject_unacceptable<B>(req: &Request<B>) -> Result<(), GatewayError> {
         }
     }
     Ok(())
+}
+
+thread_local! {
+    /// The last `Host` value this thread found valid (empty: none yet).
+    static LAST_VALID_HOST: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether `host` is a valid `Host` value: an authority without userinfo whose port, if
+/// any, is a number up to 65535. Parsing it as an [`http::uri::Authority`] copies it into an
+/// allocation first, and a connection (most often every connection) sends the same `Host`
+/// on each request, so the last valid value is remembered per thread and an equal one is
+/// valid without parsing. (Validity depends on the bytes alone.)
+fn host_is_valid(host: &[u8]) -> bool {
+    const REMEMBERED: usize = 256;
+    let seen = |last: &std::cell::RefCell<Vec<u8>>| {
+        last.try_borrow()
+            .is_ok_and(|last| !last.is_empty() && last.as_slice() == host)
+    };
+    if !host.is_empty() && LAST_VALID_HOST.try_with(seen).unwrap_or(false) {
+        return true;
+    }
+    let valid = !host.contains(&b'@')
+        && http::uri::Authority::try_from(host).is_ok_and(|a| port_is_valid(&a));
+    if valid && host.len() <= REMEMBERED {
+        let _ = LAST_VALID_HOST.try_with(|last| {
+            if let Ok(mut last) = last.try_borrow_mut() {
+                last.clear();
+                last.extend_from_slice(host);
+            }
+        });
+    }
+    valid
 }
 
 /// No `Transfer-Encoding`, or exactly one coding, `chunked` (any case).
@@ -1093,6 +1148,60 @@ mod tests {
             HeaderValue::from_static("bad id with spaces"),
         );
         assert_ne!(assign_request_id(&h, true), "bad id with spaces");
+    }
+
+    #[test]
+    fn host_validity_does_not_depend_on_the_host_before() {
+        let cases: [(&[u8], bool); 9] = [
+            (b"shop.example", true),
+            (b"shop.example:8080", true),
+            (b"[::1]:443", true),
+            (b"shop.example:", true),
+            (b"", false),
+            (b"user@shop.example", false),
+            (b"shop.example:65536", false),
+            (b"shop.example:8o", false),
+            (b"shop example", false),
+        ];
+        // Every value after every other, and each twice in a row (the remembered one).
+        for (before, _) in cases {
+            for (host, valid) in cases {
+                host_is_valid(before);
+                assert_eq!(
+                    host_is_valid(host),
+                    valid,
+                    "{:?}",
+                    String::from_utf8_lossy(host)
+                );
+                assert_eq!(
+                    host_is_valid(host),
+                    valid,
+                    "{:?}",
+                    String::from_utf8_lossy(host)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn request_ids_split_off_one_chunk_are_distinct_and_outlive_it() {
+        let ids: Vec<HeaderValue> = (0..200)
+            .map(|_| assign_request_id(&http::HeaderMap::new(), false))
+            .collect();
+        let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.len(), 32);
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        }
+        // An id keeps its bytes while later ids are written into later chunks.
+        let first = ids[0].clone();
+        let copy = first.as_bytes().to_vec();
+        drop(ids);
+        for _ in 0..200 {
+            assign_request_id(&http::HeaderMap::new(), false);
+        }
+        assert_eq!(first.as_bytes(), copy.as_slice());
     }
 
     #[test]

@@ -51,7 +51,7 @@ use crate::path::NormalizedPath;
 pub struct ForwardContext<'a> {
     /// The TCP peer's IP address as text (`::ffff:`-mapped addresses as IPv4), as appended
     /// to `X-Forwarded-For`.
-    pub peer: &'a str,
+    pub peer: &'a HeaderValue,
     /// Whether the peer is in `server.trusted_proxies`, so its `X-Forwarded-*` are believed.
     pub peer_trusted: bool,
     /// Whether the client reached the gateway over TLS (`X-Forwarded-Proto: https`).
@@ -779,12 +779,13 @@ impl ForwardedChain {
 
     fn apply(self, headers: &mut HeaderMap, ctx: &ForwardContext<'_>, host: Option<&HeaderValue>) {
         let for_ = match self.for_ {
-            Some(mut chain) => {
-                chain.push_str(", ");
-                chain.push_str(ctx.peer);
+            Some(chain) => {
+                let mut chain = chain.into_bytes();
+                chain.extend_from_slice(b", ");
+                chain.extend_from_slice(ctx.peer.as_bytes());
                 HeaderValue::try_from(chain)
             }
-            None => HeaderValue::from_str(ctx.peer),
+            None => Ok(ctx.peer.clone()),
         };
         if let Ok(v) = for_ {
             headers.insert(X_FORWARDED_FOR, v);
@@ -938,8 +939,9 @@ mod tests {
     #[test]
     fn forwarded_chain_trusts_only_trusted_peers() {
         let rid = HeaderValue::from_static("rid");
+        let peer = HeaderValue::from_static("10.0.0.1");
         let ctx = |trusted| ForwardContext {
-            peer: "10.0.0.1",
+            peer: &peer,
             peer_trusted: trusted,
             tls: true,
             request_id: &rid,

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -85,8 +85,9 @@ pub struct ConnInfo {
     /// line shows it.
     pub peer_text: Arc<str>,
     /// The peer's IP as text, `::ffff:`-mapped addresses as IPv4: what every forwarded
-    /// request appends to `X-Forwarded-For`.
-    pub peer_ip_text: Arc<str>,
+    /// request appends to `X-Forwarded-For`. Made once per connection; a request clones it
+    /// (a reference count) instead of allocating and checking a new header value.
+    pub peer_ip_header: HeaderValue,
 }
 
 impl ConnInfo {
@@ -97,7 +98,9 @@ impl ConnInfo {
             local,
             tls,
             peer_text: peer.to_string().into(),
-            peer_ip_text: peer.ip().to_canonical().to_string().into(),
+            // An IP address in text is always a valid header value.
+            peer_ip_header: HeaderValue::try_from(peer.ip().to_canonical().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         }
     }
 }
