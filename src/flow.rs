@@ -352,8 +352,11 @@ impl PaymentGate {
                 set_cookies,
             );
         }
-        // The slow path: what it logs (merchant errors, limits) carries the request id.
-        self.decide_slow(
+        // The slow path: what it logs (merchant errors, limits) carries the request id. Its
+        // future (merchant calls, the turn) is boxed: inline, it made every request's future,
+        // paid or not, about 2 KiB larger, memory each connection holds and each request
+        // writes (`docs/benchmarks.md`, "Twelfth session"). The slow path allocates anyway.
+        Box::pin(self.decide_slow(
             html,
             route,
             path,
@@ -364,7 +367,7 @@ impl PaymentGate {
             client,
             now,
             set_cookies,
-        )
+        ))
         .instrument(request_span())
         .await
     }

@@ -526,14 +526,19 @@ impl<H: Handler> Conn<H> {
         let handler = self.handler.clone();
         let info = self.info.clone();
         let tracker = activity.clone();
-        // `service_fn` keeps the per-request future unboxed; the only per-request costs here
-        // are an `Arc` clone and the in-flight counter.
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = InFlight::enter(&tracker, req.version() == http::Version::HTTP_2);
             let handler = handler.clone();
             let info = info.clone();
+            // The handler's future (a few KiB) lives in a heap block of its own, written in
+            // place (`Box::new` of the `async` block). Unboxed, hyper copied it whole into
+            // the connection's own slot for each request: memory that, with many connections,
+            // is out of the CPU's cache every time. The allocator hands out the block the
+            // previous request on this thread just freed, which is still in cache
+            // (`docs/benchmarks.md`, "Twelfth session").
+            let answer = Pin::from(Box::new(async move { handler.call(req, info).await }));
             async move {
-                let mut resp = handler.call(req, info).await;
+                let mut resp = answer.await;
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(tunnel) = resp.extensions_mut().remove::<Tunnel>() {
                         guard.0.hold_tunnel(tunnel);
