@@ -677,12 +677,12 @@ pub fn assign_request_id(headers: &http::HeaderMap, peer_trusted: bool) -> Heade
             }
         }
     }
-    let id: u128 = rand::random();
+    let id: [u8; 16] = rand::random();
     let mut hex = [0u8; 32];
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, d) in hex.iter_mut().enumerate() {
-        let shift = 124 - 4 * i as u32;
-        *d = DIGITS[((id >> shift) & 0xf) as usize];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(id) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
     // Hex digits are always a valid header value.
     HeaderValue::from_maybe_shared(id_bytes(&hex)).unwrap_or_else(|_| HeaderValue::from_static("-"))
