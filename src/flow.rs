@@ -271,7 +271,7 @@ impl PaymentGate {
         let resource = route.resource(path);
         // The fastest path: these very cookies were verified for this resource on this
         // thread before; only what depends on the time is checked again.
-        let remembered = self.memo.with(headers, resource, |session, granted| {
+        let served = self.memo.with(headers, resource, |session, granted| {
             (session.is_current(&self.cookies, now) && self.is_fresh(granted, now)).then(|| {
                 self.metrics.grant_hit(GrantSource::Cookie);
                 self.serve(
@@ -285,7 +285,7 @@ impl PaymentGate {
                 )
             })
         });
-        if let Some(Some(outcome)) = remembered {
+        if let Some(outcome) = served.flatten() {
             return outcome;
         }
         let jar = RequestCookies::parse(headers);
