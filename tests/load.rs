@@ -134,7 +134,7 @@ async fn three_thousand_requests_with_merchant_faults_never_serve_unpaid() {
                 let mut flips = 0u32;
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let fault = if flips % 2 == 0 {
+                    let fault = if flips.is_multiple_of(2) {
                         None
                     } else {
                         i += 1;

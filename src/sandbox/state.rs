@@ -1106,7 +1106,8 @@ fn date_prefix(now: Secs) -> String {
     let mut days = now / 86_400;
     let mut year = 1970u64;
     loop {
-        let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+        let leap =
+            (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
         let len = if leap { 366 } else { 365 };
         if days < len || year >= 9999 {
             break;
