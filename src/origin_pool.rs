@@ -183,7 +183,9 @@ impl H1Pool {
         if origin_h1::eligible(&req) {
             Either::Left(self.send_direct(shard, req, None))
         } else {
-            Either::Right(self.send_hyper(shard, req))
+            // Boxed: requests with bodies, upgrades and other methods are rare next to the
+            // fast path, whose future (part of every request's) stays small without it.
+            Either::Right(Box::pin(self.send_hyper(shard, req)))
         }
     }
 
@@ -235,7 +237,9 @@ impl H1Pool {
             encoded.map_err(SendError::Direct)?;
             let (mut conn, reused) = match start {
                 Ok(conn) => (conn, true),
-                Err(wbuf) => (self.connect_direct(wbuf).await?, false),
+                // Boxed where entered (only when no idle connection is pooled): the connect
+                // future's few hundred bytes would otherwise be part of every request's.
+                Err(wbuf) => (Box::pin(self.connect_direct(wbuf)).await?, false),
             };
             let head = match conn.exchange(head_request).await {
                 Ok(head) => head,
@@ -243,7 +247,7 @@ impl H1Pool {
                 // answering gets the request once more, on a fresh connection.
                 Err(ExchangeError::Unanswered(_)) if reused => {
                     let wbuf = std::mem::take(&mut conn.wbuf);
-                    conn = self.connect_direct(wbuf).await?;
+                    conn = Box::pin(self.connect_direct(wbuf)).await?;
                     conn.exchange(head_request)
                         .await
                         .map_err(SendError::Direct)?

@@ -191,11 +191,13 @@ impl OriginClient {
             ),
             None => {
                 let client = &self.clients[thread % self.clients.len()];
-                Either::Right(
+                // Boxed: without a plain pool (an https origin) every request takes this arm,
+                // but its future would otherwise make every request's future larger.
+                Either::Right(Box::pin(
                     client
                         .request(upstream)
                         .map(|sent| sent.map(|resp| resp.map(body::boxed)).map_err(classify)),
-                )
+                ))
             }
         }
     }
