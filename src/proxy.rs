@@ -822,16 +822,16 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
                 pair
             })
     }
+    // One lookup of the name for all of it: this runs on every paid request.
+    let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) else {
+        return;
+    };
     // Looking comes first, so that a request without gateway cookies costs no copy.
-    let ours = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .any(|v| pairs(v.as_bytes()).any(is_gateways));
-    if !ours {
+    if !cookies.iter().any(|v| pairs(v.as_bytes()).any(is_gateways)) {
         return;
     }
     let mut kept: Vec<u8> = Vec::new();
-    for v in headers.get_all(header::COOKIE) {
+    for v in cookies.iter() {
         for pair in pairs(v.as_bytes()) {
             if pair.is_empty() || is_gateways(pair) {
                 continue;
@@ -842,10 +842,14 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
             kept.extend_from_slice(pair);
         }
     }
-    headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_bytes(&kept) {
-            headers.insert(header::COOKIE, v);
+    // Every `Cookie` line goes; what is kept becomes one line (if it is a valid value, which
+    // it is, being made of pieces of valid values).
+    match HeaderValue::from_bytes(&kept) {
+        Ok(v) if !kept.is_empty() => {
+            cookies.insert(v);
+        }
+        _ => {
+            cookies.remove_entry_mult();
         }
     }
 }
@@ -937,6 +941,17 @@ mod tests {
         let mut only_ours = map(&[("cookie", "taler_paywall_s=1")]);
         strip_cookies(&mut only_ours, &prefixes);
         assert!(only_ours.get(header::COOKIE).is_none());
+
+        // Several lines, all the gateway's: every line goes, other headers stay.
+        let mut lines = map(&[
+            ("cookie", "taler_paywall_s=1"),
+            ("accept", "*/*"),
+            ("cookie", " ; taler_paywall_o=2;"),
+        ]);
+        strip_cookies(&mut lines, &prefixes);
+        assert_eq!(lines.get_all(header::COOKIE).iter().count(), 0);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines.get(header::ACCEPT).unwrap(), "*/*");
     }
 
     #[test]
