@@ -822,16 +822,16 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
                 pair
             })
     }
-    // One lookup of the name for all of it: this runs on every paid request.
-    let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) else {
-        return;
-    };
+    // One lookup finds every `Cookie` line; both passes below read them through it. (Not
+    // `HeaderMap::entry`: it makes room for an insert first, which can grow the map on a
+    // request that has no cookie to remove.)
+    let lines = headers.get_all(header::COOKIE);
     // Looking comes first, so that a request without gateway cookies costs no copy.
-    if !cookies.iter().any(|v| pairs(v.as_bytes()).any(is_gateways)) {
+    if !lines.iter().any(|v| pairs(v.as_bytes()).any(is_gateways)) {
         return;
     }
     let mut kept: Vec<u8> = Vec::new();
-    for v in cookies.iter() {
+    for v in lines.iter() {
         for pair in pairs(v.as_bytes()) {
             if pair.is_empty() || is_gateways(pair) {
                 continue;
@@ -842,14 +842,14 @@ fn strip_cookies(headers: &mut HeaderMap, prefixes: &[String]) {
             kept.extend_from_slice(pair);
         }
     }
-    // Every `Cookie` line goes; what is kept becomes one line (if it is a valid value, which
-    // it is, being made of pieces of valid values).
+    // Every `Cookie` line goes: `insert` replaces all of them with the one line kept (a valid
+    // value, being made of pieces of valid values), `remove` takes all of them away.
     match HeaderValue::from_bytes(&kept) {
         Ok(v) if !kept.is_empty() => {
-            cookies.insert(v);
+            headers.insert(header::COOKIE, v);
         }
         _ => {
-            cookies.remove_entry_mult();
+            headers.remove(header::COOKIE);
         }
     }
 }
