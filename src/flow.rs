@@ -270,20 +270,33 @@ impl PaymentGate {
     ) -> Outcome {
         let resource = route.resource(path);
         // The fastest path: these very cookies were verified for this resource on this
-        // thread before; only what depends on the time is checked again.
+        // thread before; only what depends on the time is checked again. Once the cookie's
+        // own grant has aged, a fresher one this process verified since (a re-check made by
+        // an earlier request) serves as well, as it would after the full check below: a
+        // client whose cookie was not updated (one that ignored the re-check's `Set-Cookie`,
+        // or sent requests while it ran) costs a lookup, not two HMACs and a parse.
         let served = self.memo.with(headers, resource, |session, granted| {
-            (session.is_current(&self.cookies, now) && self.is_fresh(granted, now)).then(|| {
-                self.metrics.grant_hit(GrantSource::Cookie);
-                self.serve(
-                    route,
-                    path,
-                    &session.id,
-                    resource,
-                    Jar::Unparsed(headers),
-                    Some(granted.order_id.clone()),
-                    Vec::new(),
-                )
-            })
+            if !session.is_current(&self.cookies, now) {
+                return None;
+            }
+            let (order_id, source) = if self.is_fresh(granted, now) {
+                (granted.order_id.clone(), GrantSource::Cookie)
+            } else {
+                let remembered = self
+                    .recall(&session.id, resource)
+                    .filter(|o| self.is_fresh(o, now))?;
+                (remembered.order_id, GrantSource::Memory)
+            };
+            self.metrics.grant_hit(source);
+            Some(self.serve(
+                route,
+                path,
+                &session.id,
+                resource,
+                Jar::Unparsed(headers),
+                Some(order_id),
+                Vec::new(),
+            ))
         });
         if let Some(outcome) = served.flatten() {
             return outcome;
@@ -341,6 +354,13 @@ impl PaymentGate {
             .filter(|o| self.is_fresh(o, now))
         {
             self.metrics.grant_hit(GrantSource::Memory);
+            if let Some(own) = from_cookie.as_ref().filter(|_| set_cookies.is_empty()) {
+                if jar.is_unambiguous(&self.cookies, resource) {
+                    // What the cookies hold (their own, aged grant): the memo's next hit
+                    // finds the fresh grant in memory as this check did.
+                    self.memo.put(headers, resource, &session, own);
+                }
+            }
             let order_id = Some(granted.order_id);
             return self.serve(
                 route,
@@ -1261,6 +1281,46 @@ scope = "{scope}"
         let h = session_and_order(&gate, &other, &other.id, None);
         assert!(matches!(
             decide_for(&gate, &policy, &h).await,
+            Outcome::Respond {
+                kind: DenyKind::FailedClosed,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_aged_cookie_is_served_from_a_fresher_grant_in_memory_until_that_ages() {
+        let (gate, policy) = offline_gate("300s");
+        let now = unix_now();
+        let session = new_session(now);
+        // The cookie's grant is past the interval; a re-check by an earlier request of this
+        // session renewed it in memory 10 s ago (the client kept its old cookie).
+        let h = session_and_order(&gate, &session, &session.id, Some(now - 400));
+        let renewed = OrderCookie {
+            order_id: "O1".into(),
+            verified_at: Some(now - 10),
+        };
+        gate.remember(&session.id, "/premium/a.html", &renewed, now - 10);
+        let at = |t: u64| decide_for_at(&gate, &policy, &h, t);
+        // The full check serves it from memory and remembers what the cookies hold...
+        assert!(matches!(at(now).await, Outcome::Serve { .. }));
+        let (s, o) = gate.memo.get(&h, "/premium/a.html").unwrap();
+        assert_eq!((s, o.verified_at), (session.clone(), Some(now - 400)));
+        // ...so the next request takes the memo, which finds the grant in memory too...
+        match at(now + 289).await {
+            Outcome::Serve { order_id, .. } => assert_eq!(order_id.as_deref(), Some("O1")),
+            Outcome::Respond { kind, .. } => panic!("not served: {kind:?}"),
+        }
+        // ...until that grant ages as well: then the merchant is asked (here unreachable).
+        match at(now + 291).await {
+            Outcome::Respond { kind, .. } => assert_eq!(kind, DenyKind::FailedClosed),
+            Outcome::Serve { .. } => panic!("an aged grant in memory was served"),
+        }
+        // Memory belongs to its session: the same grant does nothing for another one.
+        let other = new_session(now);
+        let h = session_and_order(&gate, &other, &other.id, Some(now - 400));
+        assert!(matches!(
+            decide_for_at(&gate, &policy, &h, now).await,
             Outcome::Respond {
                 kind: DenyKind::FailedClosed,
                 ..
