@@ -9,6 +9,12 @@
 //! depends on time is *not* remembered: the caller checks the session's lifetime and the
 //! grant's freshness again on every hit, exactly as after a full check.
 //!
+//! Beside that, an entry can hold a *renewal*: a copy of the grant this process verified for
+//! the same session and resource after the one in the cookie (the flow's (session, resource)
+//! table, where a re-check leaves it), for a client that keeps sending the cookie with the
+//! aged grant. It serves under the same rule as the table it was copied from, while it is
+//! younger than `recheck_interval`, and is kept apart from what the cookies hold.
+//!
 //! Rules that keep it exact and safe:
 //! - one memo belongs to one [`crate::flow::PaymentGate`] (one set of keys and cookie
 //!   settings); a reload builds a new gate, and a thread's table is emptied the first time
@@ -45,6 +51,7 @@ struct Entry {
     resource: Box<str>,
     session: Session,
     order: OrderCookie,
+    renewal: Option<OrderCookie>,
 }
 
 #[derive(Default)]
@@ -82,16 +89,17 @@ impl CookieMemo {
     /// The session and order cookie a full check found in byte-identical cookies for
     /// `resource`, if this thread remembers them. Their time limits are the caller's to check.
     pub fn get(&self, headers: &HeaderMap, resource: &str) -> Option<(Session, OrderCookie)> {
-        self.with(headers, resource, |s, o| (s.clone(), o.clone()))
+        self.with(headers, resource, |s, o, _| (s.clone(), o.clone()))
     }
 
-    /// [`CookieMemo::get`] without copying: `f` sees the remembered session and order
-    /// cookie in place (it must not use this memo itself: the table is borrowed meanwhile).
+    /// [`CookieMemo::get`] without copying: `f` sees the remembered session, order cookie
+    /// and renewal (if any) in place (it must not use this memo itself: the table is borrowed
+    /// meanwhile).
     pub fn with<R>(
         &self,
         headers: &HeaderMap,
         resource: &str,
-        f: impl FnOnce(&Session, &OrderCookie) -> R,
+        f: impl FnOnce(&Session, &OrderCookie, Option<&OrderCookie>) -> R,
     ) -> Option<R> {
         let cookie = single_cookie(headers)?;
         let slot = self.slot(cookie, resource);
@@ -105,7 +113,7 @@ impl CookieMemo {
                 let e = t.slots.get(slot)?.as_ref()?;
                 (same_bytes(&e.cookie, cookie)
                     && same_bytes(e.resource.as_bytes(), resource.as_bytes()))
-                .then(|| f(&e.session, &e.order))
+                .then(|| f(&e.session, &e.order, e.renewal.as_ref()))
             })
             .ok()
             .flatten()
@@ -134,7 +142,33 @@ impl CookieMemo {
                     resource: resource.into(),
                     session: session.clone(),
                     order: order.clone(),
+                    renewal: None,
                 });
+            }
+        });
+    }
+
+    /// Gives the entry of these cookies and `resource`, if this thread has one, `grant` as
+    /// its renewal: a grant the caller found in its (session, resource) table for the
+    /// entry's session, verified after the one the cookies hold.
+    pub fn renew(&self, headers: &HeaderMap, resource: &str, grant: &OrderCookie) {
+        let Some(cookie) = single_cookie(headers) else {
+            return;
+        };
+        let slot = self.slot(cookie, resource);
+        let _ = TABLE.try_with(|t| {
+            let Ok(mut t) = t.try_borrow_mut() else {
+                return;
+            };
+            if t.owner != self.id {
+                return;
+            }
+            if let Some(Some(e)) = t.slots.get_mut(slot) {
+                if same_bytes(&e.cookie, cookie)
+                    && same_bytes(e.resource.as_bytes(), resource.as_bytes())
+                {
+                    e.renewal = Some(grant.clone());
+                }
             }
         });
     }
@@ -236,6 +270,35 @@ mod tests {
             None
         );
         assert_eq!(memo.get(&HeaderMap::new(), "/premium/a"), None);
+    }
+
+    #[test]
+    fn a_renewal_goes_only_to_the_entry_of_the_same_cookies_and_resource() {
+        let memo = CookieMemo::new();
+        let (s, o) = found();
+        let h = headers(&["taler_paywall_session=xyz"]);
+        let renewal = |h: &HeaderMap, r: &str| memo.with(h, r, |_, _, n| n.cloned()).flatten();
+        let fresher = OrderCookie {
+            order_id: o.order_id.clone(),
+            verified_at: Some(1_700_000_900),
+        };
+        // Nothing to renew yet; then only the entry of these very cookies and resource.
+        memo.renew(&h, "/r", &fresher);
+        assert_eq!(memo.get(&h, "/r"), None);
+        memo.put(&h, "/r", &s, &o);
+        memo.renew(&headers(&["taler_paywall_session=xyZ"]), "/r", &fresher);
+        memo.renew(&h, "/other", &fresher);
+        assert_eq!(renewal(&h, "/r"), None);
+        memo.renew(&h, "/r", &fresher);
+        assert_eq!(renewal(&h, "/r"), Some(fresher.clone()));
+        // What the cookies hold is kept apart from it.
+        assert_eq!(memo.get(&h, "/r"), Some((s.clone(), o.clone())));
+        // Another gate's memo cannot renew this one's entries; a new full check's entry
+        // starts without a renewal.
+        CookieMemo::new().renew(&h, "/r", &o);
+        assert_eq!(renewal(&h, "/r"), Some(fresher));
+        memo.put(&h, "/r", &s, &o);
+        assert_eq!(renewal(&h, "/r"), None);
     }
 
     #[test]

@@ -274,31 +274,43 @@ impl PaymentGate {
         // own grant has aged, a fresher one this process verified since (a re-check made by
         // an earlier request) serves as well, as it would after the full check below: a
         // client whose cookie was not updated (one that ignored the re-check's `Set-Cookie`,
-        // or sent requests while it ran) costs a lookup, not two HMACs and a parse.
-        let served = self.memo.with(headers, resource, |session, granted| {
-            if !session.is_current(&self.cookies, now) {
-                return None;
-            }
-            let (order_id, source) = if self.is_fresh(granted, now) {
-                (granted.order_id.clone(), GrantSource::Cookie)
-            } else {
-                let remembered = self
-                    .recall(&session.id, resource)
-                    .filter(|o| self.is_fresh(o, now))?;
-                (remembered.order_id, GrantSource::Memory)
-            };
-            self.metrics.grant_hit(source);
-            Some(self.serve(
-                route,
-                path,
-                &session.id,
-                resource,
-                Jar::Unparsed(headers),
-                Some(order_id),
-                Vec::new(),
-            ))
-        });
+        // or sent requests while it ran) costs one lookup, not two HMACs and a parse; the
+        // memo keeps a copy of that grant (the entry's renewal), so that the client's further
+        // requests take no lock shared with the other serving threads either.
+        let mut renewal = None;
+        let served = self
+            .memo
+            .with(headers, resource, |session, granted, renewed| {
+                if !session.is_current(&self.cookies, now) {
+                    return None;
+                }
+                let (order_id, source) = if self.is_fresh(granted, now) {
+                    (granted.order_id.clone(), GrantSource::Cookie)
+                } else if let Some(renewed) = renewed.filter(|o| self.is_fresh(o, now)) {
+                    (renewed.order_id.clone(), GrantSource::Memory)
+                } else {
+                    let remembered = self
+                        .recall(&session.id, resource)
+                        .filter(|o| self.is_fresh(o, now))?;
+                    let order_id = remembered.order_id.clone();
+                    renewal = Some(remembered);
+                    (order_id, GrantSource::Memory)
+                };
+                self.metrics.grant_hit(source);
+                Some(self.serve(
+                    route,
+                    path,
+                    &session.id,
+                    resource,
+                    Jar::Unparsed(headers),
+                    Some(order_id),
+                    Vec::new(),
+                ))
+            });
         if let Some(outcome) = served.flatten() {
+            if let Some(grant) = renewal {
+                self.memo.renew(headers, resource, &grant);
+            }
             return outcome;
         }
         let jar = RequestCookies::parse(headers);
@@ -356,9 +368,10 @@ impl PaymentGate {
             self.metrics.grant_hit(GrantSource::Memory);
             if let Some(own) = from_cookie.as_ref().filter(|_| set_cookies.is_empty()) {
                 if jar.is_unambiguous(&self.cookies, resource) {
-                    // What the cookies hold (their own, aged grant): the memo's next hit
-                    // finds the fresh grant in memory as this check did.
+                    // What the cookies hold (their own, aged grant), and as its renewal
+                    // the fresh grant this check found in memory.
                     self.memo.put(headers, resource, &session, own);
+                    self.memo.renew(headers, resource, &granted);
                 }
             }
             let order_id = Some(granted.order_id);
@@ -1296,27 +1309,48 @@ scope = "{scope}"
         // The cookie's grant is past the interval; a re-check by an earlier request of this
         // session renewed it in memory 10 s ago (the client kept its old cookie).
         let h = session_and_order(&gate, &session, &session.id, Some(now - 400));
-        let renewed = OrderCookie {
+        let renewed = |at: u64| OrderCookie {
             order_id: "O1".into(),
-            verified_at: Some(now - 10),
+            verified_at: Some(at),
         };
-        gate.remember(&session.id, "/premium/a.html", &renewed, now - 10);
+        gate.remember(&session.id, "/premium/a.html", &renewed(now - 10), now - 10);
         let at = |t: u64| decide_for_at(&gate, &policy, &h, t);
-        // The full check serves it from memory and remembers what the cookies hold...
+        let forget = || gate.memory.lock().unwrap().clear();
+        let renewal = || {
+            gate.memo
+                .with(&h, "/premium/a.html", |_, _, r| r.cloned())
+                .flatten()
+        };
+        // The full check serves it from memory and remembers what the cookies hold, with the
+        // grant from memory as its renewal...
         assert!(matches!(at(now).await, Outcome::Serve { .. }));
         let (s, o) = gate.memo.get(&h, "/premium/a.html").unwrap();
         assert_eq!((s, o.verified_at), (session.clone(), Some(now - 400)));
-        // ...so the next request takes the memo, which finds the grant in memory too...
+        assert_eq!(renewal(), Some(renewed(now - 10)));
+        // ...which serves the next requests without the table (emptied here to show it)...
+        forget();
         match at(now + 289).await {
             Outcome::Serve { order_id, .. } => assert_eq!(order_id.as_deref(), Some("O1")),
             Outcome::Respond { kind, .. } => panic!("not served: {kind:?}"),
         }
-        // ...until that grant ages as well: then the merchant is asked (here unreachable).
+        // ...until it ages: then the merchant is asked (here unreachable, so: fail closed).
         match at(now + 291).await {
             Outcome::Respond { kind, .. } => assert_eq!(kind, DenyKind::FailedClosed),
-            Outcome::Serve { .. } => panic!("an aged grant in memory was served"),
+            Outcome::Serve { .. } => panic!("an aged grant from memory was served"),
         }
+        // A later re-check's grant in memory serves a remembered hit and renews it again.
+        gate.remember(
+            &session.id,
+            "/premium/a.html",
+            &renewed(now + 295),
+            now + 295,
+        );
+        assert!(matches!(at(now + 296).await, Outcome::Serve { .. }));
+        assert_eq!(renewal(), Some(renewed(now + 295)));
+        forget();
+        assert!(matches!(at(now + 297).await, Outcome::Serve { .. }));
         // Memory belongs to its session: the same grant does nothing for another one.
+        gate.remember(&session.id, "/premium/a.html", &renewed(now), now);
         let other = new_session(now);
         let h = session_and_order(&gate, &other, &other.id, Some(now - 400));
         assert!(matches!(
