@@ -54,6 +54,14 @@ struct Entry {
     renewal: Option<OrderCookie>,
 }
 
+impl Entry {
+    /// Whether this is the entry of exactly these `Cookie` bytes and `resource`.
+    fn is_for(&self, cookie: &[u8], resource: &str) -> bool {
+        same_bytes(&self.cookie, cookie)
+            && same_bytes(self.resource.as_bytes(), resource.as_bytes())
+    }
+}
+
 #[derive(Default)]
 struct Table {
     owner: u64,
@@ -111,9 +119,8 @@ impl CookieMemo {
                     return None;
                 }
                 let e = t.slots.get(slot)?.as_ref()?;
-                (same_bytes(&e.cookie, cookie)
-                    && same_bytes(e.resource.as_bytes(), resource.as_bytes()))
-                .then(|| f(&e.session, &e.order, e.renewal.as_ref()))
+                e.is_for(cookie, resource)
+                    .then(|| f(&e.session, &e.order, e.renewal.as_ref()))
             })
             .ok()
             .flatten()
@@ -122,14 +129,7 @@ impl CookieMemo {
     /// Remembers what a full check found in these cookies for `resource`. The caller stores
     /// only a session and order cookie that were the only candidates of their names.
     pub fn put(&self, headers: &HeaderMap, resource: &str, session: &Session, order: &OrderCookie) {
-        let Some(cookie) = single_cookie(headers) else {
-            return;
-        };
-        let slot = self.slot(cookie, resource);
-        let _ = TABLE.try_with(|t| {
-            let Ok(mut t) = t.try_borrow_mut() else {
-                return;
-            };
+        self.with_slot(headers, resource, |t, slot, cookie| {
             if t.owner != self.id || t.slots.len() != SLOTS {
                 // First use on this thread, or another gate (a reload) used it last.
                 t.owner = self.id;
@@ -152,23 +152,34 @@ impl CookieMemo {
     /// its renewal: a grant the caller found in its (session, resource) table for the
     /// entry's session, verified after the one the cookies hold.
     pub fn renew(&self, headers: &HeaderMap, resource: &str, grant: &OrderCookie) {
+        self.with_slot(headers, resource, |t, slot, cookie| {
+            if t.owner != self.id {
+                return;
+            }
+            if let Some(Some(e)) = t.slots.get_mut(slot) {
+                if e.is_for(cookie, resource) {
+                    e.renewal = Some(grant.clone());
+                }
+            }
+        });
+    }
+
+    /// Runs `f` on this thread's table, borrowed for writing, with the slot of (the only
+    /// `Cookie` header, `resource`) and that header's bytes; nothing if the header cannot be
+    /// remembered or the table is in use or gone (a thread being torn down).
+    fn with_slot(
+        &self,
+        headers: &HeaderMap,
+        resource: &str,
+        f: impl FnOnce(&mut Table, usize, &[u8]),
+    ) {
         let Some(cookie) = single_cookie(headers) else {
             return;
         };
         let slot = self.slot(cookie, resource);
         let _ = TABLE.try_with(|t| {
-            let Ok(mut t) = t.try_borrow_mut() else {
-                return;
-            };
-            if t.owner != self.id {
-                return;
-            }
-            if let Some(Some(e)) = t.slots.get_mut(slot) {
-                if same_bytes(&e.cookie, cookie)
-                    && same_bytes(e.resource.as_bytes(), resource.as_bytes())
-                {
-                    e.renewal = Some(grant.clone());
-                }
+            if let Ok(mut t) = t.try_borrow_mut() {
+                f(&mut t, slot, cookie);
             }
         });
     }
