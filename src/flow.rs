@@ -289,9 +289,7 @@ impl PaymentGate {
                 } else if let Some(renewed) = renewed.filter(|o| self.is_fresh(o, now)) {
                     (renewed.order_id.clone(), GrantSource::Memory)
                 } else {
-                    let remembered = self
-                        .recall(&session.id, resource)
-                        .filter(|o| self.is_fresh(o, now))?;
+                    let remembered = self.fresh_in_memory(&session.id, resource, now)?;
                     let order_id = remembered.order_id.clone();
                     renewal = Some(remembered);
                     (order_id, GrantSource::Memory)
@@ -361,10 +359,7 @@ impl PaymentGate {
                 set_cookies,
             );
         }
-        if let Some(granted) = self
-            .recall(&session.id, resource)
-            .filter(|o| self.is_fresh(o, now))
-        {
+        if let Some(granted) = self.fresh_in_memory(&session.id, resource, now) {
             self.metrics.grant_hit(GrantSource::Memory);
             if let Some(own) = from_cookie.as_ref().filter(|_| set_cookies.is_empty()) {
                 if jar.is_unambiguous(&self.cookies, resource) {
@@ -739,6 +734,18 @@ impl PaymentGate {
         if Arc::strong_count(&turn) <= 2 {
             turns.remove(key);
         }
+    }
+
+    /// The grant this process keeps for (`session`, `resource`), if it is younger than
+    /// `recheck_interval` at `now`.
+    fn fresh_in_memory(
+        &self,
+        session: &SessionId,
+        resource: &str,
+        now: u64,
+    ) -> Option<OrderCookie> {
+        self.recall(session, resource)
+            .filter(|o| self.is_fresh(o, now))
     }
 
     fn recall(&self, session: &SessionId, resource: &str) -> Option<OrderCookie> {
